@@ -1,0 +1,4 @@
+//! One file per subcommand: an `Args` (clap) and a `run(Args) -> anyhow::Result<()>`.
+
+pub mod preprocess;
+pub mod tokenize;

@@ -1,0 +1,132 @@
+//! Bytes -> oriented RGB pixels, as `transformers.image_utils.load_image` gets them from PIL: open, apply EXIF
+//! orientation, `convert("RGB")`.
+//!
+//! JPEG goes through the libjpeg-compatible decoder of `jpeg/`; PNG, WebP, BMP and GIF (first frame) through the
+//! `image` crate, whose output for these formats matches PIL's. PIL's RGB conversion drops alpha without
+//! compositing, replicates gray, and reads 16-bit RGB(A) and gray+alpha PNGs by their high byte; 16-bit gray
+//! without alpha becomes PIL mode "I;16", which `convert("RGB")` clips at 255 (a nearly white image), so those are
+//! refused with an explanation rather than reproduced.
+//!
+//! Every size check happens on the header, before pixel data is decoded.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+
+use super::{jpeg, orient};
+use crate::{Error, Result};
+
+/// A decoded, oriented image: interleaved RGB, `width * height * 3` bytes.
+pub(crate) struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+fn err(name: &str, msg: impl Into<String>) -> Error {
+    Error::Image { source_name: name.to_string(), msg: msg.into() }
+}
+
+fn check_size(name: &str, w: usize, h: usize, max_pixels: u64) -> Result<()> {
+    if w == 0 || h == 0 {
+        return Err(err(name, format!("image has zero size ({w}x{h})")));
+    }
+    let n = w as u64 * h as u64;
+    if n > max_pixels {
+        return Err(err(name, format!("{w}x{h} = {n} pixels is over the limit of {max_pixels} pixels")));
+    }
+    Ok(())
+}
+
+pub(crate) fn decode(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Rgb> {
+    if bytes.is_empty() {
+        return Err(err(name, "empty file"));
+    }
+    let format = image::guess_format(bytes).map_err(|_| {
+        let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        err(name, format!("not a JPEG, PNG, WebP, BMP or GIF image (starts with bytes {})", head.join(" ")))
+    })?;
+    let (w, h, data, o) = match format {
+        ImageFormat::Jpeg => decode_jpeg(bytes, name, max_pixels)?,
+        ImageFormat::Png | ImageFormat::WebP | ImageFormat::Bmp | ImageFormat::Gif => {
+            decode_other(bytes, name, format, max_pixels)?
+        }
+        other => {
+            return Err(err(name, format!("{other:?} images are not supported (JPEG, PNG, WebP, BMP or GIF)")));
+        }
+    };
+    let (width, height, data) = orient::apply(o, w, h, data);
+    Ok(Rgb { width, height, data })
+}
+
+type Pixels = (usize, usize, Vec<u8>, u32);
+
+fn decode_jpeg(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Pixels> {
+    // Header first, so a huge frame is refused before any allocation.
+    match jpeg::read_header(bytes) {
+        Ok(hd) => check_size(name, hd.width, hd.height, max_pixels)?,
+        Err(e) => return Err(jpeg_error(name, e)),
+    }
+    match jpeg::decode(bytes, max_pixels) {
+        Ok(d) => {
+            let o = orient::orientation(d.exif.as_deref(), d.xmp.as_deref());
+            Ok((d.width, d.height, d.rgb, o))
+        }
+        // Files libjpeg decodes but this decoder does not cover (CMYK, 12-bit...): the image crate's decoder is
+        // close to, not exactly, what PIL would return.
+        Err(jpeg::JpegError::Unsupported(_)) => decode_other(bytes, name, ImageFormat::Jpeg, max_pixels),
+        Err(e) => Err(jpeg_error(name, e)),
+    }
+}
+
+fn jpeg_error(name: &str, e: jpeg::JpegError) -> Error {
+    match e {
+        jpeg::JpegError::Truncated => err(name, "truncated JPEG (the data ends before the image is complete)"),
+        jpeg::JpegError::Invalid(m) => err(name, format!("corrupt JPEG: {m}")),
+        jpeg::JpegError::Unsupported(m) => err(name, format!("unsupported JPEG: {m}")),
+        jpeg::JpegError::TooLarge { width, height } => {
+            err(name, format!("{width}x{height} pixels is over the pixel limit"))
+        }
+    }
+}
+
+fn decode_other(bytes: &[u8], name: &str, format: ImageFormat, max_pixels: u64) -> Result<Pixels> {
+    let what = format!("{format:?}");
+    let dec_err = |e: image::ImageError| err(name, format!("cannot decode {what}: {e}"));
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    // The decoder's own allocation cap must not be tighter than the pixel limit we enforce ourselves.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 29));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(dec_err)?;
+    let (w, h) = decoder.dimensions();
+    check_size(name, w as usize, h as usize, max_pixels)?;
+    let exif = decoder.exif_metadata().ok().flatten();
+    let xmp = decoder.xmp_metadata().ok().flatten();
+    let o = orient::orientation(exif.as_deref(), xmp.as_deref());
+    let img = DynamicImage::from_decoder(decoder).map_err(dec_err)?;
+    let data = to_rgb(img).map_err(|m| err(name, m))?;
+    Ok((w as usize, h as usize, data, o))
+}
+
+/// PIL's `convert("RGB")` on what PIL would have opened.
+fn to_rgb(img: DynamicImage) -> std::result::Result<Vec<u8>, String> {
+    let hi = |v: u16| (v >> 8) as u8;
+    Ok(match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageLuma8(b) => b.into_raw().iter().flat_map(|&g| [g, g, g]).collect(),
+        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        DynamicImage::ImageRgb16(b) => b.into_raw().iter().map(|&v| hi(v)).collect(),
+        DynamicImage::ImageRgba16(b) => {
+            b.into_raw().chunks_exact(4).flat_map(|p| [hi(p[0]), hi(p[1]), hi(p[2])]).collect()
+        }
+        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [hi(p[0]); 3]).collect(),
+        DynamicImage::ImageLuma16(_) => {
+            return Err("16-bit grayscale without alpha is not supported: the reference (PIL mode I;16, \
+                        convert(\"RGB\")) clips every value above 255 to white; convert it to 8-bit first"
+                .into())
+        }
+        other => return Err(format!("unsupported pixel format {:?}", other.color())),
+    })
+}

@@ -1,0 +1,244 @@
+//! Chroma upsampling and colour conversion as libjpeg-turbo does them with its defaults (`do_fancy_upsampling`
+//! on, as PIL leaves it): triangle-filter ("fancy") 2x upsampling with its alternating rounding bias for
+//! h2v1 / h1v2 / h2v2, edge replication at the component's true downsampled size, box replication for other
+//! integral ratios, then the table-driven 16-bit fixed-point YCbCr -> RGB conversion of jdcolor.c.
+
+use rayon::prelude::*;
+
+use super::JpegError;
+
+/// A decoded component plane (after IDCT) and the part of it that holds real samples.
+pub(super) struct Plane<'a> {
+    pub data: &'a [u8],
+    pub stride: usize,
+    /// ceil(image_width * h / max_h): samples past this are padding and never read.
+    pub width: usize,
+    pub height: usize,
+    /// Output pixels per sample horizontally and vertically (max_h / h, max_v / v).
+    pub hx: usize,
+    pub vy: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Method {
+    Full,
+    H2V1Fancy,
+    H1V2Fancy,
+    H2V2Fancy,
+    /// Box replication (h2v1 / h2v2 when the plane is at most 2 samples wide, and any other integral ratio).
+    Replicate,
+}
+
+impl Plane<'_> {
+    /// libjpeg-turbo's choice in jinit_upsampler, in the same order of tests.
+    fn method(&self) -> Method {
+        match (self.hx, self.vy) {
+            (1, 1) => Method::Full,
+            (2, 1) if self.width > 2 => Method::H2V1Fancy,
+            (1, 2) => Method::H1V2Fancy,
+            (2, 2) if self.width > 2 => Method::H2V2Fancy,
+            _ => Method::Replicate,
+        }
+    }
+
+    fn row(&self, y: usize) -> &[u8] {
+        let y = y.min(self.height - 1);
+        &self.data[y * self.stride..y * self.stride + self.width]
+    }
+
+    /// Writes output row `y` (at full resolution, `out.len()` = image width) of this component.
+    fn upsample_row(&self, method: Method, y: usize, out: &mut [u8], sums: &mut Vec<i32>) {
+        let w = out.len();
+        match method {
+            Method::Full => out.copy_from_slice(&self.row(y)[..w]),
+            Method::Replicate => {
+                let src = self.row(y / self.vy);
+                for (x, o) in out.iter_mut().enumerate() {
+                    *o = src[x / self.hx];
+                }
+            }
+            Method::H2V1Fancy => {
+                fancy_h2(self.row(y), out);
+            }
+            Method::H1V2Fancy => {
+                let (near, far, bias) = self.vertical_pair(y);
+                for (x, o) in out.iter_mut().enumerate() {
+                    *o = ((near[x] as i32 * 3 + far[x] as i32 + bias) >> 2) as u8;
+                }
+            }
+            Method::H2V2Fancy => {
+                let (near, far, _) = self.vertical_pair(y);
+                sums.clear();
+                sums.extend(near.iter().zip(far).map(|(&a, &b)| a as i32 * 3 + b as i32));
+                fancy_h2_sums(sums, out);
+            }
+        }
+    }
+
+    /// For 2x vertical upsampling: the nearest sample row, the next nearest (above for even output rows, below
+    /// for odd ones, clamped to the real rows) and libjpeg's bias for the h1v2 case (1 above, 2 below).
+    fn vertical_pair(&self, y: usize) -> (&[u8], &[u8], i32) {
+        let iy = y / 2;
+        if y % 2 == 0 {
+            (self.row(iy), self.row(iy.saturating_sub(1)), 1)
+        } else {
+            (self.row(iy), self.row(iy + 1), 2)
+        }
+    }
+}
+
+/// h2v1 fancy: output 2j is (3*in[j] + in[j-1] + 1) >> 2, output 2j+1 is (3*in[j] + in[j+1] + 2) >> 2; the first and
+/// last outputs copy the edge sample.
+fn fancy_h2(src: &[u8], out: &mut [u8]) {
+    let n = src.len();
+    let w = out.len();
+    let mut put = |i: usize, v: i32| {
+        if i < w {
+            out[i] = v as u8;
+        }
+    };
+    let s = |j: usize| src[j] as i32;
+    put(0, s(0));
+    put(1, (s(0) * 3 + s(1) + 2) >> 2);
+    for j in 1..n - 1 {
+        put(2 * j, (s(j) * 3 + s(j - 1) + 1) >> 2);
+        put(2 * j + 1, (s(j) * 3 + s(j + 1) + 2) >> 2);
+    }
+    put(2 * (n - 1), (s(n - 1) * 3 + s(n - 2) + 1) >> 2);
+    put(2 * (n - 1) + 1, s(n - 1));
+}
+
+/// h2v2 fancy on column sums (3*near + far): outputs (3*c[j] + c[j-1] + 8) >> 4 and (3*c[j] + c[j+1] + 7) >> 4,
+/// edges (4*c + 8) >> 4 and (4*c + 7) >> 4.
+fn fancy_h2_sums(c: &[i32], out: &mut [u8]) {
+    let n = c.len();
+    let w = out.len();
+    let mut put = |i: usize, v: i32| {
+        if i < w {
+            out[i] = v as u8;
+        }
+    };
+    put(0, (c[0] * 4 + 8) >> 4);
+    put(1, (c[0] * 3 + c[1] + 7) >> 4);
+    for j in 1..n - 1 {
+        put(2 * j, (c[j] * 3 + c[j - 1] + 8) >> 4);
+        put(2 * j + 1, (c[j] * 3 + c[j + 1] + 7) >> 4);
+    }
+    put(2 * (n - 1), (c[n - 1] * 3 + c[n - 2] + 8) >> 4);
+    put(2 * (n - 1) + 1, (c[n - 1] * 4 + 7) >> 4);
+}
+
+/// What the samples mean, decided as libjpeg's default_decompress_parms does.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum ColorSpace {
+    Gray,
+    YCbCr,
+    Rgb,
+}
+
+struct YccTables {
+    cr_r: [i32; 256],
+    cb_b: [i32; 256],
+    cr_g: [i32; 256],
+    cb_g: [i32; 256],
+}
+
+const SCALEBITS: u32 = 16;
+const ONE_HALF: i32 = 1 << (SCALEBITS - 1);
+
+/// FIX(x) = (x * 2^16 + 0.5) truncated, for the four constants of jdcolor.c.
+const FIX_1_40200: i32 = 91881;
+const FIX_1_77200: i32 = 116130;
+const FIX_0_71414: i32 = 46802;
+const FIX_0_34414: i32 = 22554;
+
+fn ycc_tables() -> YccTables {
+    let mut t = YccTables { cr_r: [0; 256], cb_b: [0; 256], cr_g: [0; 256], cb_g: [0; 256] };
+    for i in 0..256 {
+        let x = i as i32 - 128;
+        t.cr_r[i] = (FIX_1_40200 * x + ONE_HALF) >> SCALEBITS;
+        t.cb_b[i] = (FIX_1_77200 * x + ONE_HALF) >> SCALEBITS;
+        t.cr_g[i] = -FIX_0_71414 * x;
+        t.cb_g[i] = -FIX_0_34414 * x + ONE_HALF;
+    }
+    t
+}
+
+#[inline(always)]
+fn clamp8(v: i32) -> u8 {
+    v.clamp(0, 255) as u8
+}
+
+/// Upsamples every plane to `width` x `height` and converts to interleaved RGB (gray is replicated, which is what
+/// PIL's convert("RGB") does with the "L" image libjpeg returns for one-component files).
+pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: usize) -> Result<Vec<u8>, JpegError> {
+    let methods: Vec<Method> = planes.iter().map(Plane::method).collect();
+    let expected = if space == ColorSpace::Gray { 1 } else { 3 };
+    if planes.len() != expected {
+        return Err(JpegError::Unsupported(format!("{} components", planes.len())));
+    }
+    let tables = ycc_tables();
+    let mut rgb = vec![0u8; width * height * 3];
+    rgb.par_chunks_mut(width * 3).enumerate().for_each_init(
+        || (vec![0u8; width * 3], Vec::new()),
+        |(scratch, sums), (y, out)| {
+            let (s0, rest) = scratch.split_at_mut(width);
+            let (s1, s2) = rest.split_at_mut(width);
+            let bufs: [&mut [u8]; 3] = [s0, s1, s2];
+            let mut rows: Vec<&[u8]> = Vec::with_capacity(3);
+            for ((plane, &m), buf) in planes.iter().zip(&methods).zip(bufs) {
+                if m == Method::Full {
+                    rows.push(&plane.row(y)[..width]);
+                } else {
+                    plane.upsample_row(m, y, buf, sums);
+                    rows.push(buf);
+                }
+            }
+            match space {
+                ColorSpace::Gray => {
+                    for (o, &g) in out.chunks_exact_mut(3).zip(rows[0]) {
+                        o.fill(g);
+                    }
+                }
+                ColorSpace::Rgb => {
+                    for (x, o) in out.chunks_exact_mut(3).enumerate() {
+                        o.copy_from_slice(&[rows[0][x], rows[1][x], rows[2][x]]);
+                    }
+                }
+                ColorSpace::YCbCr => {
+                    for (x, o) in out.chunks_exact_mut(3).enumerate() {
+                        let yy = rows[0][x] as i32;
+                        let cb = rows[1][x] as usize;
+                        let cr = rows[2][x] as usize;
+                        o[0] = clamp8(yy + tables.cr_r[cr]);
+                        o[1] = clamp8(yy + ((tables.cb_g[cb] + tables.cr_g[cr]) >> SCALEBITS));
+                        o[2] = clamp8(yy + tables.cb_b[cb]);
+                    }
+                }
+            }
+        },
+    );
+    Ok(rgb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h2v1_fancy_matches_hand_computation() {
+        let src = [10u8, 20, 40];
+        let mut out = [0u8; 6];
+        fancy_h2(&src, &mut out);
+        // 10, (30+20+2)>>2=13, (60+10+1)>>2=17, (60+40+2)>>2=25, (120+20+1)>>2=35, 40
+        assert_eq!(out, [10, 13, 17, 25, 35, 40]);
+    }
+
+    #[test]
+    fn ycc_gray_axis_is_identity() {
+        let t = ycc_tables();
+        assert_eq!(t.cr_r[128], 0);
+        assert_eq!(t.cb_b[128], 0);
+        assert_eq!((t.cb_g[128] + t.cr_g[128]) >> SCALEBITS, 0);
+    }
+}

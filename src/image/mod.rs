@@ -1,0 +1,126 @@
+//! Image preprocessing, exactly as transformers' `GotOcr2ImageProcessorFast` under `InternVLProcessor`
+//! (MODEL_SPEC.md §4): decode, EXIF orientation, RGB conversion, dynamic tiling, antialiased bicubic resize on
+//! uint8, fused rescale + normalize into `[tiles, 3, 448, 448]` f32.
+//!
+//! The reference is HF fed by `transformers.image_utils.load_image` (PIL). Every stage is reproduced
+//! bit for bit, so the output equals HF's float32 `pixel_values` exactly on the fixtures
+//! (tests/image_fixtures.rs): JPEG is decoded the way libjpeg-turbo does it (`jpeg/`), the other formats by the
+//! `image` crate; `resize` mirrors aten's integer antialiased bicubic; `normalize` mirrors the f32 arithmetic.
+//!
+//! Stages: `decode` (bytes -> oriented RGB) -> `tiling::grid` -> `resize` (whole image to the grid canvas, and
+//! to 448x448 for the thumbnail) -> `normalize::write_tile` per tile, tiles row-major, thumbnail last.
+//!
+//! OWNER: image helper. The public API below is the contract other modules use; keep these names.
+
+mod decode;
+mod jpeg;
+mod normalize;
+mod orient;
+mod resize;
+mod tiling;
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::{Error, Result};
+
+/// Side of a tile in pixels (InternViT's input size).
+pub const TILE: usize = 448;
+
+/// Largest `max_tiles` the processor supports (its `max_patches` default; the model was trained with it).
+pub const MAX_TILES: usize = 12;
+
+/// Options of the image processor; defaults are the InternVL3-hf processor's.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    /// Dynamic tiling (`crop_to_patches`); on by default as in `InternVLProcessor`.
+    pub tiling: bool,
+    /// Smallest number of tiles of the grid (`min_patches`).
+    pub min_tiles: usize,
+    /// Largest number of tiles of the grid (`max_patches`), 1..=12 (a thumbnail is added on top).
+    pub max_tiles: usize,
+    /// Images with more pixels than this are refused before decoding (decompression bombs).
+    pub max_pixels: u64,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions { tiling: true, min_tiles: 1, max_tiles: 12, max_pixels: 64 * 1024 * 1024 }
+    }
+}
+
+/// The preprocessed image: what the vision tower consumes.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    /// Grid chosen by the tiling rule, as (columns, rows); (1, 1) when tiling is off.
+    pub grid: (usize, usize),
+    /// Number of tiles, the thumbnail included (columns * rows, + 1 when that is not 1).
+    pub num_tiles: usize,
+    /// `[num_tiles, 3, 448, 448]` row-major, normalized.
+    pub pixel_values: Vec<f32>,
+    /// (width, height) of the decoded image after EXIF orientation, before any resize.
+    pub original_size: (usize, usize),
+}
+
+impl Preprocessed {
+    pub fn shape(&self) -> [usize; 4] {
+        [self.num_tiles, 3, TILE, TILE]
+    }
+}
+
+impl ImageOptions {
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_TILES).contains(&self.max_tiles) {
+            return Err(Error::Invalid(format!("max_tiles must be in 1..={MAX_TILES}, got {}", self.max_tiles)));
+        }
+        if !(1..=self.max_tiles).contains(&self.min_tiles) {
+            return Err(Error::Invalid(format!(
+                "min_tiles must be in 1..=max_tiles ({}), got {}",
+                self.max_tiles, self.min_tiles
+            )));
+        }
+        if self.max_pixels == 0 {
+            return Err(Error::Invalid("max_pixels must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Decode, orient and preprocess an image file.
+pub fn preprocess_file(path: &Path, opts: &ImageOptions) -> Result<Preprocessed> {
+    opts.validate()?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    preprocess_bytes(&bytes, &path.display().to_string(), opts)
+}
+
+/// Decode, orient and preprocess encoded image bytes; `source_name` names the input in errors.
+pub fn preprocess_bytes(bytes: &[u8], source_name: &str, opts: &ImageOptions) -> Result<Preprocessed> {
+    opts.validate()?;
+    let img = decode::decode(bytes, source_name, opts.max_pixels)?;
+    Ok(preprocess_rgb(&img, opts))
+}
+
+fn preprocess_rgb(img: &decode::Rgb, opts: &ImageOptions) -> Preprocessed {
+    let (w, h) = (img.width, img.height);
+    let (cols, rows) = if opts.tiling { tiling::grid(w, h, opts.min_tiles, opts.max_tiles) } else { (1, 1) };
+    let blocks = cols * rows;
+    let num_tiles = if blocks == 1 { 1 } else { blocks + 1 };
+    let lut = normalize::tables();
+    let plane = 3 * TILE * TILE;
+    let mut pixel_values = vec![0f32; num_tiles * plane];
+
+    // The grid canvas and the thumbnail are independent resizes of the original: run them side by side.
+    let (canvas, thumb) = rayon::join(
+        || resize::resize_rgb(&img.data, w, h, cols * TILE, rows * TILE),
+        || (blocks != 1).then(|| resize::resize_rgb(&img.data, w, h, TILE, TILE)),
+    );
+    pixel_values.par_chunks_mut(plane).enumerate().for_each(|(t, out)| {
+        if t < blocks {
+            normalize::write_tile(&canvas, cols * TILE, t % cols, t / cols, &lut, out);
+        } else if let Some(th) = &thumb {
+            normalize::write_tile(th, TILE, 0, 0, &lut, out);
+        }
+    });
+    Preprocessed { grid: (cols, rows), num_tiles, pixel_values, original_size: (w, h) }
+}

@@ -1,0 +1,234 @@
+//! Antialiased bicubic resize of interleaved RGB uint8 images, reproducing what
+//! `torchvision.transforms.v2.functional.resize(uint8 tensor, BICUBIC, antialias=True)` runs on CPU: aten's
+//! separable uint8 path (`_upsample_bicubic2d_aa`, a port of Pillow's ImagingResample). The facts it relies on:
+//!
+//! * filter: Keys cubic with a = -0.5; support 2 input pixels, widened to 2*scale when downscaling (scale =
+//!   in/out as f64), where taps are evaluated at (x - center + 0.5) / scale;
+//! * taps of output i: center = scale * (i + 0.5), xmin = max(trunc(center - support + 0.5), 0),
+//!   xmax = min(trunc(center + support + 0.5), in); weights normalized to sum 1 in f64;
+//! * weights quantized to i16 with one precision per axis: the largest p <= 22 such that
+//!   round(max_weight * 2^(p+1)) < 2^15, each weight rounded half away from zero at 2^p;
+//! * horizontal pass first (skipped when the width is unchanged), rounded and clamped to uint8, then the vertical
+//!   pass: acc = 2^(p-1) + sum(w * pixel) in i32, result clamp(acc >> p, 0, 255).
+//!
+//! The AVX2 kernel and the generic fallback of aten share this arithmetic, so the result does not depend on the
+//! CPU; the fixtures (PNG inputs, which decode exactly) confirm it bit for bit. Integer sums are exact, so the
+//! order of accumulation here is free.
+
+use rayon::prelude::*;
+
+/// Per-output-pixel taps of one axis.
+pub(crate) struct Taps {
+    start: Vec<usize>,
+    len: Vec<usize>,
+    /// `ksize` weights per output pixel, zero-padded.
+    weights: Vec<i16>,
+    ksize: usize,
+    precision: u32,
+}
+
+#[inline]
+fn cubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+    } else {
+        0.0
+    }
+}
+
+impl Taps {
+    pub(crate) fn new(input: usize, output: usize) -> Taps {
+        let scale = input as f64 / output as f64;
+        let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+        let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut start = Vec::with_capacity(output);
+        let mut len = Vec::with_capacity(output);
+        let mut wf = vec![0f64; output * ksize];
+        let mut wmax = 0f64;
+        for i in 0..output {
+            let center = scale * (i as f64 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(input as i64);
+            let n = (xmax - xmin).clamp(0, ksize as i64) as usize;
+            let w = &mut wf[i * ksize..i * ksize + n];
+            let mut total = 0f64;
+            for (j, wj) in w.iter_mut().enumerate() {
+                *wj = cubic(((j as i64 + xmin) as f64 - center + 0.5) * invscale);
+                total += *wj;
+            }
+            if total != 0.0 {
+                for wj in w.iter_mut() {
+                    *wj /= total;
+                    wmax = wmax.max(*wj);
+                }
+            }
+            start.push(xmin as usize);
+            len.push(n);
+        }
+        let mut precision = 0u32;
+        while precision < 22 {
+            let next = (0.5 + wmax * (1u64 << (precision + 1)) as f64) as i64;
+            if next >= 1 << 15 {
+                break;
+            }
+            precision += 1;
+        }
+        let one = (1u64 << precision) as f64;
+        let weights = wf
+            .iter()
+            .map(|&w| {
+                let v = w * one;
+                (if v < 0.0 { (-0.5 + v) as i32 } else { (0.5 + v) as i32 }) as i16
+            })
+            .collect();
+        Taps { start, len, weights, ksize, precision }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> (usize, &[i16]) {
+        let w = &self.weights[i * self.ksize..i * self.ksize + self.len[i]];
+        (self.start[i], w)
+    }
+}
+
+/// Resizes an interleaved RGB image `src` (`w` x `h`) to `ow` x `oh`.
+///
+/// Both passes run as "row combinations" (each output row a weighted sum of whole input rows), which vectorizes;
+/// the horizontal pass gets that shape by working on the transposed image.
+pub(crate) fn resize_rgb(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+    let mid = if ow != w {
+        let cols = transpose(src, w, h);
+        let out_cols = combine_rows(&cols, h * 3, &Taps::new(w, ow));
+        Some(transpose(&out_cols, h, ow))
+    } else {
+        None
+    };
+    let (mid, mw) = match &mid {
+        Some(v) => (v.as_slice(), ow),
+        None => (src, w),
+    };
+    if oh != h {
+        combine_rows(mid, mw * 3, &Taps::new(h, oh))
+    } else {
+        mid.to_vec()
+    }
+}
+
+/// `src` holds rows of `row_len` bytes; output row i = clamp((2^(p-1) + sum_j w_ij * row_(start_i + j)) >> p).
+fn combine_rows(src: &[u8], row_len: usize, taps: &Taps) -> Vec<u8> {
+    let n_out = taps.start.len();
+    let mut out = vec![0u8; row_len * n_out];
+    out.par_chunks_mut(row_len).enumerate().for_each_init(
+        || vec![0i32; row_len],
+        |acc, (i, orow)| {
+            let (y0, ws) = taps.get(i);
+            let rows = &src[y0 * row_len..(y0 + ws.len()) * row_len];
+            mac_rows(acc, rows, row_len, ws, taps.precision, orow);
+        },
+    );
+    out
+}
+
+fn mac_rows(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above); the function is the portable code compiled with it.
+        unsafe { mac_rows_avx2(acc, rows, row_len, ws, precision, out) };
+        return;
+    }
+    mac_rows_portable(acc, rows, row_len, ws, precision, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn mac_rows_avx2(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
+    mac_rows_portable(acc, rows, row_len, ws, precision, out)
+}
+
+/// Taps two at a time so the accumulator row is loaded and stored half as often.
+#[inline(always)]
+fn mac_rows_portable(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
+    acc.fill(1i32 << (precision - 1));
+    let mut pairs = ws.chunks_exact(2);
+    let mut j = 0;
+    for pair in &mut pairs {
+        let (k0, k1) = (pair[0] as i32, pair[1] as i32);
+        let r0 = &rows[j * row_len..(j + 1) * row_len];
+        let r1 = &rows[(j + 1) * row_len..(j + 2) * row_len];
+        for ((a, &p0), &p1) in acc.iter_mut().zip(r0).zip(r1) {
+            *a += p0 as i32 * k0 + p1 as i32 * k1;
+        }
+        j += 2;
+    }
+    if let [k] = pairs.remainder() {
+        let k = *k as i32;
+        let r = &rows[j * row_len..(j + 1) * row_len];
+        for (a, &p) in acc.iter_mut().zip(r) {
+            *a += p as i32 * k;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = (a >> precision).clamp(0, 255) as u8;
+    }
+}
+
+/// Transposes an interleaved RGB image of `w` x `h` pixels into one of `h` x `w` pixels, in cache-sized blocks.
+fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+    const B: usize = 32;
+    let mut out = vec![0u8; w * h * 3];
+    // Output row x holds input column x; each task fills B output rows.
+    out.par_chunks_mut(B * h * 3).enumerate().for_each(|(bx, dst)| {
+        let x0 = bx * B;
+        let xn = dst.len() / (h * 3);
+        for y0 in (0..h).step_by(B) {
+            for y in y0..(y0 + B).min(h) {
+                let srow = &src[(y * w + x0) * 3..(y * w + x0 + xn) * 3];
+                for (dx, px) in srow.chunks_exact(3).enumerate() {
+                    let d = (dx * h + y) * 3;
+                    dst[d..d + 3].copy_from_slice(px);
+                }
+            }
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_sum_to_one_in_fixed_point() {
+        for (i, o) in [(300, 448), (1024, 448), (5, 1344), (2000, 5376), (448, 447)] {
+            let t = Taps::new(i, o);
+            for x in 0..o {
+                let (_, ws) = t.get(x);
+                let sum: i32 = ws.iter().map(|&k| k as i32).sum();
+                let one = 1i32 << t.precision;
+                assert!((sum - one).abs() <= ws.len() as i32, "{i}->{o} at {x}: {sum} vs {one}");
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let (w, h) = (37, 23);
+        let src = vec![77u8; w * h * 3];
+        for (ow, oh) in [(448, 448), (11, 5), (37, 100), (200, 23)] {
+            let out = resize_rgb(&src, w, h, ow, oh);
+            assert_eq!(out.len(), ow * oh * 3);
+            assert!(out.iter().all(|&v| v == 77), "{ow}x{oh}");
+        }
+    }
+
+    #[test]
+    fn same_size_is_identity() {
+        let src: Vec<u8> = (0..5 * 4 * 3).map(|v| v as u8).collect();
+        assert_eq!(resize_rgb(&src, 5, 4, 5, 4), src);
+    }
+}

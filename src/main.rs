@@ -1,0 +1,33 @@
+//! The `facellm` command line: argument parsing only; each subcommand lives in `cli/<name>.rs`.
+//! Exit codes: 0 ok, 1 runtime error, 2 usage error (clap's own).
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "facellm", version, about = "Run and fine-tune FaceLLM, the face-understanding multimodal LLM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize text, or a whole chat prompt with images, and print the ids as JSON.
+    Tokenize(cli::tokenize::Args),
+    /// Preprocess an image as the model sees it and print the tiles' summary as JSON.
+    Preprocess(cli::preprocess::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenize(args) => cli::tokenize::run(args),
+        Command::Preprocess(args) => cli::preprocess::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

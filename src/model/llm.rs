@@ -1,0 +1,204 @@
+//! The Qwen2 decoder (MODEL_SPEC §3.8): RMSNorm pre-norm layers, GQA attention with q/k/v bias and
+//! half-split RoPE, SwiGLU MLP, final norm, untied (or tied) lm_head. Used for FaceLLM's language model and
+//! for text-only `Qwen2ForCausalLM` checkpoints alike.
+
+use super::linear::{Linear, Norm};
+use super::{get_shaped, Weights};
+use crate::backend;
+use crate::config::RopeScaling;
+use crate::tensor::Tensor;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextParams {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position: usize,
+    pub tie_embeddings: bool,
+}
+
+impl TextParams {
+    /// RoPE inverse frequencies for a sequence reaching `seq_len` tokens, in f32 as HF computes them.
+    pub fn inv_freq(&self, seq_len: usize) -> Vec<f32> {
+        let d = self.head_dim;
+        let mut base = self.rope_theta;
+        let mut divide = 1.0f32;
+        match self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => divide = factor as f32,
+            RopeScaling::Dynamic { factor } => {
+                if seq_len > self.max_position {
+                    let ratio = factor * seq_len as f64 / self.max_position as f64 - (factor - 1.0);
+                    base *= ratio.powf(d as f64 / (d as f64 - 2.0));
+                }
+            }
+        }
+        // HF: 1 / base ** (arange(0, d, 2) / d), the exponent and the power in float32.
+        let base = base as f32;
+        (0..d / 2).map(|i| 1.0f32 / base.powf((2 * i) as f32 / d as f32) / divide).collect()
+    }
+}
+
+struct DecoderLayer {
+    input_norm: Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// RMSNorm weight of the fused residual-add + norm after attention.
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A contiguous per-layer K/V cache: `[len, kv_heads, head_dim]` for each of k and v.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(p: &TextParams) -> KvCache {
+        KvCache { k: vec![Vec::new(); p.layers], v: vec![Vec::new(); p.layers], len: 0 }
+    }
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Drops every token after the first `len` (to rewind a shared prefix).
+    pub fn truncate(&mut self, len: usize, kv_dim: usize) {
+        for (k, v) in self.k.iter_mut().zip(&mut self.v) {
+            k.truncate(len * kv_dim);
+            v.truncate(len * kv_dim);
+        }
+        self.len = self.len.min(len);
+    }
+}
+
+pub struct Qwen2 {
+    p: TextParams,
+    prefix: String,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Norm,
+    lm_head: Tensor,
+}
+
+/// What a forward pass may record for comparisons with the reference.
+#[derive(Default)]
+pub struct Trace {
+    /// The input of every layer, then the last layer's output (before the final norm).
+    pub hidden: Vec<Tensor>,
+}
+
+impl Qwen2 {
+    /// `prefix` is where the decoder's tensors live: `model.language_model` (FaceLLM, runtime naming).
+    pub fn load(w: &dyn Weights, p: &TextParams, prefix: &str) -> Result<Qwen2> {
+        let (dm, qd, kvd) = (p.hidden, p.heads * p.head_dim, p.kv_heads * p.head_dim);
+        let embed = get_shaped(w, &format!("{prefix}.embed_tokens.weight"), &[p.vocab, dm])?;
+        let mut layers = Vec::with_capacity(p.layers);
+        for i in 0..p.layers {
+            let l = format!("{prefix}.layers.{i}");
+            layers.push(DecoderLayer {
+                input_norm: Norm::load_rms(w, &format!("{l}.input_layernorm"), dm, p.eps)?,
+                q: Linear::load(w, &format!("{l}.self_attn.q_proj"), qd, dm, true)?,
+                k: Linear::load(w, &format!("{l}.self_attn.k_proj"), kvd, dm, true)?,
+                v: Linear::load(w, &format!("{l}.self_attn.v_proj"), kvd, dm, true)?,
+                o: Linear::load(w, &format!("{l}.self_attn.o_proj"), dm, qd, false)?,
+                post_norm: get_shaped(w, &format!("{l}.post_attention_layernorm.weight"), &[dm])?,
+                gate: Linear::load(w, &format!("{l}.mlp.gate_proj"), p.intermediate, dm, false)?,
+                up: Linear::load(w, &format!("{l}.mlp.up_proj"), p.intermediate, dm, false)?,
+                down: Linear::load(w, &format!("{l}.mlp.down_proj"), dm, p.intermediate, false)?,
+            });
+        }
+        let norm = Norm::load_rms(w, &format!("{prefix}.norm"), dm, p.eps)?;
+        let lm_head = if p.tie_embeddings {
+            match w.weight("lm_head.weight") {
+                Ok(t) if t.shape() == [p.vocab, dm] => t,
+                _ => embed.clone(),
+            }
+        } else {
+            get_shaped(w, "lm_head.weight", &[p.vocab, dm])?
+        };
+        Ok(Qwen2 { p: p.clone(), prefix: prefix.to_string(), embed, layers, norm, lm_head })
+    }
+
+    pub fn params(&self) -> &TextParams {
+        &self.p
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Token embeddings `[ids.len(), hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        backend::embedding(ids, &self.embed)
+    }
+
+    /// Runs `x [t, hidden]` (embeddings of the tokens after the cache) through every layer, appending their
+    /// keys and values to `cache`; returns the final-normed hidden states `[t, hidden]`.
+    pub fn forward(&self, x: Tensor, cache: &mut KvCache, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        let p = &self.p;
+        let t = x.shape()[0];
+        let start = cache.len;
+        let total = start + t;
+        if total > p.max_position {
+            return Err(Error::Invalid(format!(
+                "sequence of {total} tokens exceeds the model's context of {} positions",
+                p.max_position
+            )));
+        }
+        let positions: Vec<usize> = (start..total).collect();
+        let inv_freq = p.inv_freq(total);
+        let (kvd, d) = (p.kv_heads * p.head_dim, p.head_dim);
+        let scale = (d as f32).powf(-0.5);
+        let mut x = x;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.hidden.push(x.clone());
+            }
+            let y = layer.input_norm.forward(&x)?;
+            let mut q = layer.q.forward(&y)?.reshape([t, p.heads, d])?;
+            let mut k = layer.k.forward(&y)?.reshape([t, p.kv_heads, d])?;
+            let v = layer.v.forward(&y)?;
+            backend::rope(&mut q, &positions, &inv_freq)?;
+            backend::rope(&mut k, &positions, &inv_freq)?;
+            cache.k[i].extend_from_slice(k.f32s()?);
+            cache.v[i].extend_from_slice(v.f32s()?);
+            let kc = Tensor::from_f32([total, p.kv_heads, d], cache.k[i][..total * kvd].to_vec())?;
+            let vc = Tensor::from_f32([total, p.kv_heads, d], cache.v[i][..total * kvd].to_vec())?;
+            let a = backend::attention(&q, &kc, &vc, Some(start), scale)?;
+            let a = a.reshape([t, p.heads * d])?;
+            let o = layer.o.forward(&a)?;
+            let y = backend::add_rms_norm(&mut x, &o, &layer.post_norm, p.eps)?;
+            let g = layer.gate.forward(&y)?;
+            let u = layer.up.forward(&y)?;
+            let m = layer.down.forward(&backend::silu_mul(&g, &u)?)?;
+            backend::add_scaled(&mut x, &m, None)?;
+        }
+        cache.len = total;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.hidden.push(x.clone());
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[t, vocab]` of final-normed hidden states `[t, hidden]`.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        backend::linear(h, &self.lm_head, None)
+    }
+}

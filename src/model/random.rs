@@ -1,0 +1,150 @@
+//! Deterministic random weights, for the demo, benchmarks and the model tests.
+//!
+//! The recipe (tests/fixtures/model/RECIPE.md, `facellm-fixture-v1`) is shared with the Python script that
+//! records HF's outputs, so a test can rebuild the reference's checkpoint bit for bit instead of committing
+//! it: tensor seed = FNV-1a-64 of a namespaced name, values = splitmix64 stream -> uniform [-1, 1) ->
+//! `offset + amp * u` in f32 -> bf16 (round to nearest even). Amplitudes keep activations O(1) at any width.
+
+use std::path::Path;
+
+use half::bf16;
+
+use crate::config::ModelConfig;
+use crate::loader::expected_tensors;
+use crate::{Error, Result};
+
+pub const RECIPE_VERSION: &str = "facellm-fixture-v1";
+
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Seed of tensor `name` of model `case` under the recipe.
+pub fn tensor_seed(case: &str, name: &str) -> u64 {
+    fnv1a64(format!("{RECIPE_VERSION}/{case}/{name}").as_bytes())
+}
+
+/// Element `i` of the stream: splitmix64's `(i+1)`-th output from state `seed`, as `u` in [-1, 1) (exact).
+pub fn uniform(seed: u64, i: u64) -> f32 {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let k = (z >> 40) as i64;
+    (k - (1 << 23)) as f32 * (2.0f32).powi(-23)
+}
+
+/// `n` recipe values: `bf16(offset + amp * u_i)`, each f32 operation rounded separately (no FMA).
+pub fn values_bf16(seed: u64, n: usize, amp: f32, offset: f32) -> Vec<bf16> {
+    (0..n as u64)
+        .map(|i| {
+            let mut v = amp * uniform(seed, i);
+            if offset != 0.0 {
+                v += offset;
+            }
+            bf16::from_f32(v)
+        })
+        .collect()
+}
+
+/// Per-model knobs of the recipe.
+#[derive(Debug, Clone, Copy)]
+pub struct RecipeGains {
+    pub embed_amp: f64,
+    pub lm_head_gain: f64,
+    pub projector_gain: f64,
+}
+
+impl Default for RecipeGains {
+    fn default() -> Self {
+        RecipeGains { embed_amp: 1.0, lm_head_gain: 4.0, projector_gain: 0.5 }
+    }
+}
+
+/// `(offset, amp)` of a tensor (runtime name) under the recipe; amplitudes computed in f64, then rounded.
+pub fn rule(name: &str, shape: &[usize], g: &RecipeGains) -> Result<(f32, f32)> {
+    let lin = |fan_in: usize, gain: f64| Ok((0.0f32, (gain * (3.0 / fan_in as f64).sqrt()) as f32));
+    let parts: Vec<&str> = name.split('.').collect();
+    let last = *parts.last().unwrap_or(&"");
+    let parent = if parts.len() >= 2 { parts[parts.len() - 2] } else { "" };
+    if name.ends_with("embeddings.cls_token") {
+        return Ok((0.0, 1.0));
+    }
+    if name.ends_with("embeddings.position_embeddings") {
+        return Ok((0.0, 0.5));
+    }
+    if name.ends_with("patch_embeddings.projection.weight") && shape.len() == 4 {
+        return lin(shape[1] * shape[2] * shape[3], 1.0);
+    }
+    if last == "lambda_1" || last == "lambda_2" {
+        return Ok((0.55, 0.45));
+    }
+    if parent.contains("norm") {
+        return Ok(if last == "weight" { (1.0, 0.1) } else { (0.0, 0.1) });
+    }
+    if name.ends_with("embed_tokens.weight") {
+        return Ok((0.0, g.embed_amp as f32));
+    }
+    if name.ends_with("multi_modal_projector.linear_2.weight") && shape.len() == 2 {
+        return lin(shape[1], g.projector_gain);
+    }
+    if name.ends_with("lm_head.weight") && shape.len() == 2 {
+        return lin(shape[1], g.lm_head_gain);
+    }
+    if last == "bias" {
+        return Ok((0.0, 0.1));
+    }
+    if last == "weight" && shape.len() == 2 {
+        return lin(shape[1], 1.0);
+    }
+    Err(Error::Invalid(format!("no random-weight rule for tensor `{name}` {shape:?}")))
+}
+
+/// Writes `config.json` and a bf16 `model.safetensors` with recipe weights for every tensor the config
+/// implies (runtime names), seeded under `case`.
+pub fn write_random_model(dir: &Path, config_json: &str, case: &str, g: &RecipeGains) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config_json).map_err(|e| Error::io(&config_path, e))?;
+    let config = ModelConfig::from_file(&config_path)?;
+    let expected = expected_tensors(&config);
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(expected.required.len());
+    for (name, shape) in &expected.required {
+        let (offset, amp) = rule(name, shape, g)?;
+        let n: usize = shape.iter().product();
+        let vals = values_bf16(tensor_seed(case, name), n, amp, offset);
+        data.push((name.clone(), shape.clone(), bytemuck::cast_slice(&vals).to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Invalid(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &path)
+        .map_err(|e| Error::Checkpoint { file: path.display().to_string(), msg: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_test_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+    }
+
+    #[test]
+    fn recipe_test_vector_lambda() {
+        // RECIPE.md: vit300m layer.0.lambda_1.
+        let seed = tensor_seed("vit300m", "model.vision_tower.encoder.layer.0.lambda_1");
+        assert_eq!(seed, 0xc5f55f8c50943345);
+        let v = values_bf16(seed, 4, 0.45, 0.55);
+        let bits: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits, [0x3e0b, 0x3f0c, 0x3e6c, 0x3f05]);
+    }
+}
