@@ -14,6 +14,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole pipeline on a tiny built-in model with random weights (no download, no GPU).
+    Demo(cli::demo::Args),
+    /// Answer a question about zero or more images (streams text; --output json for ids and timings).
+    Generate(cli::generate::Args),
     /// Tokenize text, or a whole chat prompt with images, and print the ids as JSON.
     Tokenize(cli::tokenize::Args),
     /// Preprocess an image as the model sees it and print the tiles' summary as JSON.
@@ -23,6 +27,8 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cli::demo::run(args),
+        Command::Generate(args) => cli::generate::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),
         Command::Preprocess(args) => cli::preprocess::run(args),
     };

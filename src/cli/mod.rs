@@ -1,4 +1,7 @@
 //! One file per subcommand: an `Args` (clap) and a `run(Args) -> anyhow::Result<()>`.
 
+pub mod common;
+pub mod demo;
+pub mod generate;
 pub mod preprocess;
 pub mod tokenize;

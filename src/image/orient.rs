@@ -3,6 +3,8 @@
 //! FLIP_LEFT_RIGHT, ROTATE_180, FLIP_TOP_BOTTOM, TRANSPOSE, ROTATE_270, TRANSVERSE, ROTATE_90, anything else
 //! leaves the image alone.
 
+use rayon::prelude::*;
+
 /// The raw Orientation value of an EXIF block (with or without its "Exif\0\0" prefix). `Some(0)` when the tag is
 /// present but unusable (several values): PIL then neither transposes nor looks at XMP.
 pub(crate) fn exif_orientation(exif: &[u8]) -> Option<u32> {
@@ -82,14 +84,13 @@ pub(crate) fn apply(o: u32, w: usize, h: usize, src: Vec<u8>) -> (usize, usize, 
         _ => return (w, h, src),
     };
     let mut out = vec![0u8; ow * oh * 3];
-    for y in 0..oh {
-        for x in 0..ow {
+    out.par_chunks_mut(ow * 3).enumerate().for_each(|(y, row)| {
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
             let (sx, sy) = map(x, y, w, h);
             let s = (sy * w + sx) * 3;
-            let d = (y * ow + x) * 3;
-            out[d..d + 3].copy_from_slice(&src[s..s + 3]);
+            px.copy_from_slice(&src[s..s + 3]);
         }
-    }
+    });
     (ow, oh, out)
 }
 

@@ -128,6 +128,48 @@ pub fn write_random_model(dir: &Path, config_json: &str, case: &str, g: &RecipeG
         .map_err(|e| Error::Checkpoint { file: path.display().to_string(), msg: e.to_string() })
 }
 
+/// The configuration of the demo model: FaceLLM's architecture and geometry (448 px tiles, 256 tokens per
+/// tile, the full 151674-token vocabulary, untied lm_head) at a width that runs in seconds on any CPU.
+pub fn demo_config_json() -> String {
+    serde_json::json!({
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "downsample_ratio": 0.5,
+        "image_seq_length": 256,
+        "image_token_id": 151667,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16",
+        "vision_config": {
+            "model_type": "internvl_vision",
+            "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 512,
+            "image_size": [448, 448], "patch_size": [14, 14], "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6, "attention_bias": true, "use_qk_norm": false, "hidden_act": "gelu",
+            "use_mean_pooling": true, "use_absolute_position_embeddings": true
+        },
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": 151674, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "rope_scaling": {"type": "dynamic", "rope_type": "dynamic", "factor": 2.0},
+            "tie_word_embeddings": false, "bos_token_id": 151643, "eos_token_id": 151645
+        }
+    })
+    .to_string()
+}
+
+/// Writes a complete model folder (config, generation config, random bf16 weights, the bundled InternVL3
+/// tokenizer) with the demo architecture; `seed_name` namespaces the weights.
+pub fn write_demo_model(dir: &Path, seed_name: &str) -> Result<()> {
+    write_random_model(dir, &demo_config_json(), seed_name, &RecipeGains::default())?;
+    let gen = dir.join("generation_config.json");
+    std::fs::write(&gen, r#"{"bos_token_id": 151643, "eos_token_id": 151645}"#).map_err(|e| Error::io(&gen, e))?;
+    crate::tokenizer::write_internvl3_files(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,97 @@
+//! What several subcommands share: loading a model folder with its tokenizer and generation defaults,
+//! preprocessing the images of a request, and the sampling flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use facellm::backend::cpu::sampling::SamplingParams;
+use facellm::config::GenerationConfig;
+use facellm::image::{preprocess_file, ImageOptions};
+use facellm::model::facellm::FaceLlm;
+use facellm::tensor::Tensor;
+use facellm::tokenizer::Tokenizer;
+
+pub struct Loaded {
+    pub model: FaceLlm,
+    pub tokenizer: Tokenizer,
+    pub generation: GenerationConfig,
+    pub load_ms: f64,
+}
+
+/// Loads config, weights (validated before any compute), tokenizer and generation defaults of `dir`.
+pub fn load_model(dir: &Path) -> anyhow::Result<Loaded> {
+    let t0 = Instant::now();
+    if !dir.is_dir() {
+        anyhow::bail!("model folder {} not found (expected a Hugging Face model folder)", dir.display());
+    }
+    let (config, model) = facellm::model::load_dir(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("tokenizer of {}", dir.display()))?;
+    let generation = GenerationConfig::load(dir, &config)?;
+    Ok(Loaded { model, tokenizer, generation, load_ms: t0.elapsed().as_secs_f64() * 1e3 })
+}
+
+/// The tiles of every image, concatenated in order, and the tile count of each.
+pub fn preprocess_images(paths: &[PathBuf], opts: &ImageOptions) -> anyhow::Result<(Option<Tensor>, Vec<usize>)> {
+    if paths.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut values = Vec::new();
+    let mut tiles = Vec::with_capacity(paths.len());
+    for path in paths {
+        let pre = preprocess_file(path, opts)?;
+        tiles.push(pre.num_tiles);
+        values.extend_from_slice(&pre.pixel_values);
+    }
+    let n: usize = tiles.iter().sum();
+    let side = facellm::image::TILE;
+    Ok((Some(Tensor::from_f32([n, 3, side, side], values)?), tiles))
+}
+
+/// Sampling flags shared by `generate`, `chat` and the server's defaults.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// 0 = greedy; > 0 samples at that temperature. Default: the folder's generation_config (greedy for FaceLLM).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Keep the k most likely tokens when sampling (0 = off).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Penalty on tokens already in the sequence (1 = off).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self, g: &GenerationConfig) -> anyhow::Result<SamplingParams> {
+        let mut p = SamplingParams {
+            do_sample: g.do_sample,
+            temperature: g.temperature as f32,
+            top_k: g.top_k,
+            top_p: g.top_p as f32,
+            repetition_penalty: g.repetition_penalty as f32,
+            seed: self.seed,
+        };
+        if let Some(t) = self.temperature {
+            p.temperature = t;
+            p.do_sample = t > 0.0;
+        }
+        if let Some(k) = self.top_k {
+            p.top_k = k;
+        }
+        if let Some(tp) = self.top_p {
+            p.top_p = tp;
+        }
+        if let Some(r) = self.repetition_penalty {
+            p.repetition_penalty = r;
+        }
+        p.validate()?;
+        Ok(p)
+    }
+}
