@@ -44,6 +44,14 @@ fn linear(c: &mut Criterion) {
             b.iter(|| backend::linear(&x, &w, None).unwrap())
         });
     }
+    // The LM head (272 MB) does not fit any cache: this one measures memory bandwidth.
+    let (n, k) = (151_674, 896);
+    let w = bf16t(&[n, k], 1, 0.05);
+    let x = f32t(&[1, k], 2, 1.0);
+    g.throughput(Throughput::Bytes((n * k * 2) as u64));
+    g.bench_function(BenchmarkId::from_parameter(format!("m1_{n}x{k}")), |b| {
+        b.iter(|| backend::linear(&x, &w, None).unwrap())
+    });
     g.finish();
     let mut g = c.benchmark_group("linear_prefill_bf16");
     for &(n, k) in &shapes {
@@ -89,7 +97,10 @@ fn elementwise(c: &mut Criterion) {
 
 criterion_group! {
     name = ops;
-    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     targets = linear, attention, elementwise
 }
 criterion_main!(ops);

@@ -6,7 +6,10 @@
 //! magnitude of the terms involved; a failure prints max abs/rel error, the first offending index, the
 //! shape and the seed.
 
-use facellm::backend::{self, cpu::sampling::{apply_repetition_penalty, Sampler, SamplingParams}};
+use facellm::backend::{
+    self,
+    cpu::sampling::{apply_repetition_penalty, Sampler, SamplingParams},
+};
 use facellm::tensor::Tensor;
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
@@ -171,7 +174,18 @@ fn linear_decode_gemv_real_sizes() {
 #[test]
 fn linear_odd_sizes_every_path() {
     let mut seed = 100;
-    for &(m, k, n) in &[(1, 1, 1), (1, 19, 99), (2, 99, 19), (3, 19, 99), (4, 99, 37), (5, 19, 99), (19, 99, 19), (99, 19, 101), (7, 1, 3), (33, 64, 17)] {
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (1, 19, 99),
+        (2, 99, 19),
+        (3, 19, 99),
+        (4, 99, 37),
+        (5, 19, 99),
+        (19, 99, 19),
+        (99, 19, 101),
+        (7, 1, 3),
+        (33, 64, 17),
+    ] {
         for dt in [Dt::F32, Dt::BF16, Dt::F16] {
             for bias in [false, true] {
                 linear_case(seed, m, k, n, dt, bias, 1.0);
@@ -239,7 +253,14 @@ fn layer_norm_case(seed: u64, m: usize, n: usize, eps: f32, offset: f32, scale: 
             tol[i * n + j] = 3.0 * EPS * (normed * w[j] as f64).abs() + EPS * (b[j] as f64).abs() + 1e-30;
         }
     }
-    check(&format!("layer_norm eps={eps} offset={offset} scale={scale}"), seed, &[m, n], y.f32s().unwrap(), &want, &tol);
+    check(
+        &format!("layer_norm eps={eps} offset={offset} scale={scale}"),
+        seed,
+        &[m, n],
+        y.f32s().unwrap(),
+        &want,
+        &tol,
+    );
 }
 
 #[test]
@@ -304,7 +325,8 @@ fn add_rms_norm_updates_residual_then_normalises() {
         check("add_rms_norm", seed, &[m, n], y.f32s().unwrap(), &want, &tol);
     }
     let mut res = f32t(&[2, 4], vec![0.0; 8]);
-    let e = backend::add_rms_norm(&mut res, &f32t(&[2, 5], vec![0.0; 10]), &f32t(&[5], vec![1.0; 5]), 1e-6).unwrap_err();
+    let e =
+        backend::add_rms_norm(&mut res, &f32t(&[2, 5], vec![0.0; 10]), &f32t(&[5], vec![1.0; 5]), 1e-6).unwrap_err();
     assert!(e.to_string().contains("add_rms_norm"), "{e}");
 }
 
@@ -359,8 +381,9 @@ fn gelu_erf_matches_f64_erf() {
     let mut t = f32t(&[n], x.clone());
     backend::gelu_erf(&mut t).unwrap();
     let want: Vec<f64> = x.iter().map(|&v| gelu_reference(v as f64)).collect();
-    // erfc fit 1.2e-7 plus the final rounding; values below f32's normal range count absolutely.
-    let tol: Vec<f64> = want.iter().map(|w| 2.5e-7 * w.abs() + 1e-37).collect();
+    // erfc fit 1.2e-7, exp within 2 ulp, final roundings (measured worst 2.9e-7); values below f32's normal
+    // range count absolutely.
+    let tol: Vec<f64> = want.iter().map(|w| 3.5e-7 * w.abs() + 1e-37).collect();
     check("gelu_erf", seed, &[n], t.f32s().unwrap(), &want, &tol);
     let mut t = f32t(&[3], vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
     backend::gelu_erf(&mut t).unwrap();
@@ -398,7 +421,9 @@ fn inv_freq(d: usize, theta: f64) -> Vec<f32> {
 
 #[test]
 fn rope_half_split_like_hf() {
-    for &(seed, t, heads, d, start) in &[(1000, 1, 14, 64, 511), (1001, 19, 2, 64, 0), (1002, 5, 40, 128, 32000), (1003, 300, 14, 64, 7)] {
+    for &(seed, t, heads, d, start) in
+        &[(1000, 1, 14, 64, 511), (1001, 19, 2, 64, 0), (1002, 5, 40, 128, 32000), (1003, 300, 14, 64, 7)]
+    {
         let mut g = Gen::new(seed);
         let x = g.normal(t * heads * d, 1.0);
         let positions: Vec<usize> = (0..t).map(|i| start + i * 3).collect();
@@ -408,12 +433,12 @@ fn rope_half_split_like_hf() {
         let half = d / 2;
         let mut want = vec![0f64; x.len()];
         let mut tol = vec![0f64; x.len()];
-        for i in 0..t {
+        for (i, &pos) in positions.iter().enumerate() {
             for h in 0..heads {
                 let base = (i * heads + h) * d;
                 for j in 0..half {
                     // The angle is an f32 product, as in HF; only what follows is exact here.
-                    let ang = (positions[i] as f32 * freq[j]) as f64;
+                    let ang = (pos as f32 * freq[j]) as f64;
                     let (c, s) = (ang.cos(), ang.sin());
                     let (a, b) = (x[base + j] as f64, x[base + half + j] as f64);
                     want[base + j] = a * c - b * s;
@@ -437,7 +462,16 @@ fn rope_half_split_like_hf() {
 // attention
 
 #[allow(clippy::too_many_arguments)]
-fn attention_case(seed: u64, tq: usize, tk: usize, hq: usize, hk: usize, d: usize, causal: Option<usize>, q_scale: f32) {
+fn attention_case(
+    seed: u64,
+    tq: usize,
+    tk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    causal: Option<usize>,
+    q_scale: f32,
+) {
     let mut g = Gen::new(seed);
     let q = g.normal(tq * hq * d, q_scale);
     let k = g.normal(tk * hk * d, 1.0);
@@ -467,7 +501,8 @@ fn attention_case(seed: u64, tq: usize, tk: usize, hq: usize, hk: usize, d: usiz
             for (j, sj) in s.iter_mut().enumerate() {
                 let kr = &k[(j * hk + kvh) * d..(j * hk + kvh + 1) * d];
                 *sj = qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64;
-                mag = mag.max(qr.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>() * scale as f64);
+                mag =
+                    mag.max(qr.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum::<f64>() * scale as f64);
             }
             let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = s.iter().map(|&x| (x - mx).exp()).collect();
@@ -592,7 +627,14 @@ fn patch_embed_case(seed: u64, n: usize, hh: usize, ww: usize, h: usize, p: usiz
             }
         }
     }
-    check(&format!("patch_embed n={n} {hh}x{ww} h={h} p={p}"), seed, &[n, 3, hh, ww, h], out.f32s().unwrap(), &want, &tol);
+    check(
+        &format!("patch_embed n={n} {hh}x{ww} h={h} p={p}"),
+        seed,
+        &[n, 3, hh, ww, h],
+        out.f32s().unwrap(),
+        &want,
+        &tol,
+    );
 }
 
 #[test]
@@ -605,11 +647,14 @@ fn patch_embed_matches_direct_convolution() {
 #[test]
 fn patch_embed_shape_errors() {
     let t = |s: &[usize]| f32t(s, vec![0.0; s.iter().product()]);
-    let e = backend::patch_embed(&t(&[1, 3, 30, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[5, 8])).unwrap_err();
+    let e =
+        backend::patch_embed(&t(&[1, 3, 30, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[5, 8])).unwrap_err();
     assert!(e.to_string().contains("patch_embed") && e.to_string().contains("multiple"), "{e}");
-    let e = backend::patch_embed(&t(&[1, 3, 28, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[4, 8])).unwrap_err();
+    let e =
+        backend::patch_embed(&t(&[1, 3, 28, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[4, 8])).unwrap_err();
     assert!(e.to_string().contains("pos"), "{e}");
-    let e = backend::patch_embed(&t(&[1, 1, 28, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[5, 8])).unwrap_err();
+    let e =
+        backend::patch_embed(&t(&[1, 1, 28, 28]), &t(&[8, 3, 14, 14]), &t(&[8]), &t(&[8]), &t(&[5, 8])).unwrap_err();
     assert!(e.to_string().contains("patch_embed"), "{e}");
 }
 
@@ -719,7 +764,8 @@ fn sampler_narrow_filters_equal_argmax() {
         let mut k1 = Sampler::new(sampling(0.7, 1, 1.0, 1.0, seed)).unwrap();
         let mut p0 = Sampler::new(sampling(1.3, 0, 1e-6, 1.0, seed)).unwrap();
         let mut greedy = Sampler::new(SamplingParams { temperature: 0.0, ..sampling(1.0, 0, 1.0, 1.0, seed) }).unwrap();
-        let mut no_sample = Sampler::new(SamplingParams { do_sample: false, ..sampling(1.0, 0, 0.5, 1.0, seed) }).unwrap();
+        let mut no_sample =
+            Sampler::new(SamplingParams { do_sample: false, ..sampling(1.0, 0, 0.5, 1.0, seed) }).unwrap();
         for _ in 0..5 {
             assert_eq!(k1.sample(&logits, &[]).unwrap(), best, "top_k = 1, seed {seed}");
             assert_eq!(p0.sample(&logits, &[]).unwrap(), best, "top_p tiny, seed {seed}");
@@ -781,7 +827,12 @@ fn top_p_on_full_vocabulary_matches_full_sort() {
             removed[i] = true;
         }
         let mismatches = (0..logits.len()).filter(|&i| removed[i] != (got[i] == f32::NEG_INFINITY)).count();
-        assert_eq!(mismatches, 0, "top_p {top_p} seed {seed}: kept {} tokens", got.iter().filter(|v| v.is_finite()).count());
+        assert_eq!(
+            mismatches,
+            0,
+            "top_p {top_p} seed {seed}: kept {} tokens",
+            got.iter().filter(|v| v.is_finite()).count()
+        );
     }
 }
 

@@ -7,8 +7,9 @@
 //! (tests/image_fixtures.rs): JPEG is decoded the way libjpeg-turbo does it (`jpeg/`), the other formats by the
 //! `image` crate; `resize` mirrors aten's integer antialiased bicubic; `normalize` mirrors the f32 arithmetic.
 //!
-//! Stages: `decode` (bytes -> oriented RGB) -> `tiling::grid` -> `resize` (whole image to the grid canvas, and
-//! to 448x448 for the thumbnail) -> `normalize::write_tile` per tile, tiles row-major, thumbnail last.
+//! Stages: `decode` (bytes -> oriented RGB) -> `tiling::grid` -> `resize` to the grid canvas (and to 448x448 for
+//! the thumbnail, in parallel), whose vertical pass feeds `normalize` line by line straight into the output
+//! tiles, row-major, thumbnail last.
 //!
 //! OWNER: image helper. The public API below is the contract other modules use; keep these names.
 
@@ -19,6 +20,7 @@ mod orient;
 mod resize;
 mod tiling;
 
+use std::mem::MaybeUninit;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -107,20 +109,76 @@ fn preprocess_rgb(img: &decode::Rgb, opts: &ImageOptions) -> Preprocessed {
     let blocks = cols * rows;
     let num_tiles = if blocks == 1 { 1 } else { blocks + 1 };
     let lut = normalize::tables();
-    let plane = 3 * TILE * TILE;
-    let mut pixel_values = vec![0f32; num_tiles * plane];
-
-    // The grid canvas and the thumbnail are independent resizes of the original: run them side by side.
-    let (canvas, thumb) = rayon::join(
-        || resize::resize_rgb(&img.data, w, h, cols * TILE, rows * TILE),
-        || (blocks != 1).then(|| resize::resize_rgb(&img.data, w, h, TILE, TILE)),
-    );
-    pixel_values.par_chunks_mut(plane).enumerate().for_each(|(t, out)| {
-        if t < blocks {
-            normalize::write_tile(&canvas, cols * TILE, t % cols, t / cols, &lut, out);
-        } else if let Some(th) = &thumb {
-            normalize::write_tile(th, TILE, 0, 0, &lut, out);
-        }
-    });
+    let n = num_tiles * PLANE * 3;
+    let mut pixel_values: Vec<f32> = Vec::with_capacity(n);
+    {
+        let out = &mut pixel_values.spare_capacity_mut()[..n];
+        let (grid_tiles, thumb) = out.split_at_mut(blocks * PLANE * 3);
+        // The grid canvas and the thumbnail are independent resizes of the original.
+        rayon::join(
+            || render_tiles(&img.data, w, h, cols, rows, &lut, grid_tiles),
+            || render_tiles(&img.data, w, h, 1, 1, &lut, thumb),
+        );
+    }
+    // SAFETY: `render_tiles` initializes every element of the slice it is given (each tile is split into its
+    // three planes, and every line of every plane is written in full), and the two slices above partition
+    // the first `n` elements (the thumbnail slice is empty when there is no thumbnail).
+    unsafe { pixel_values.set_len(n) };
     Preprocessed { grid: (cols, rows), num_tiles, pixel_values, original_size: (w, h) }
+}
+
+const PLANE: usize = TILE * TILE;
+
+/// Lines per parallel task when filling a tile.
+const BAND: usize = 16;
+
+/// Resizes the image to `cols*TILE` x `rows*TILE` and writes its tiles, row-major, normalized and planar, into
+/// `out` (`cols * rows` tiles; nothing when `out` is empty). The vertical pass runs tile by tile, line by line,
+/// and each resized line goes straight to the three planes, so the full-size canvas is never stored.
+fn render_tiles(
+    src: &[u8],
+    w: usize,
+    h: usize,
+    cols: usize,
+    rows: usize,
+    lut: &[[f32; 256]; 3],
+    out: &mut [MaybeUninit<f32>],
+) {
+    if out.is_empty() {
+        return;
+    }
+    let (cw, ch) = (cols * TILE, rows * TILE);
+    let wide;
+    let mid: &[u8] = if cw != w {
+        wide = resize::horizontal(src, w, h, cw);
+        &wide
+    } else {
+        src
+    };
+    let taps = (ch != h).then(|| resize::Taps::new(h, ch));
+    let stride = cw * 3;
+    out.par_chunks_mut(3 * PLANE).enumerate().for_each(|(t, tile)| {
+        let (col, row) = (t % cols, t / cols);
+        let (r, rest) = tile.split_at_mut(PLANE);
+        let (g, b) = rest.split_at_mut(PLANE);
+        let bands = r.par_chunks_mut(BAND * TILE).zip(g.par_chunks_mut(BAND * TILE)).zip(b.par_chunks_mut(BAND * TILE));
+        bands.enumerate().for_each_init(
+            || (vec![0i32; TILE * 3], vec![0u8; TILE * 3]),
+            |(acc, line), (k, ((r, g), b))| {
+                for i in 0..BAND {
+                    let y = row * TILE + k * BAND + i;
+                    let offset = col * TILE * 3;
+                    let rgb: &[u8] = match &taps {
+                        Some(taps) => {
+                            resize::combine(mid, stride, offset, taps, y, acc, line);
+                            line
+                        }
+                        None => &mid[y * stride + offset..y * stride + offset + TILE * 3],
+                    };
+                    let span = i * TILE..(i + 1) * TILE;
+                    normalize::line(rgb, lut, &mut r[span.clone()], &mut g[span.clone()], &mut b[span]);
+                }
+            },
+        );
+    });
 }

@@ -3,9 +3,7 @@
 //! `(x.float() - mean) / std` in f32 with a true division. With uint8 inputs there are only 256 values per
 //! channel, so a table per channel gives exactly those f32 results.
 
-use rayon::prelude::*;
-
-use super::TILE;
+use std::mem::MaybeUninit;
 
 pub(crate) const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub(crate) const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -22,18 +20,20 @@ pub(crate) fn tables() -> [[f32; 256]; 3] {
     t
 }
 
-/// Writes tile (`col`, `row`) of the interleaved RGB image `img` (`width` pixels wide, at least
-/// (col+1)*TILE x (row+1)*TILE) as normalized planar `[3, TILE, TILE]` into `out`.
-pub(crate) fn write_tile(img: &[u8], width: usize, col: usize, row: usize, lut: &[[f32; 256]; 3], out: &mut [f32]) {
-    out.par_chunks_mut(TILE).enumerate().for_each(|(i, dst)| {
-        let (c, y) = (i / TILE, i % TILE);
-        let src_row = (row * TILE + y) * width * 3 + col * TILE * 3;
-        let src = &img[src_row..src_row + TILE * 3];
-        let t = &lut[c];
-        for (d, px) in dst.iter_mut().zip(src.chunks_exact(3)) {
-            *d = t[px[c] as usize];
-        }
-    });
+/// One interleaved RGB line of a tile -> the same line of its three normalized planes.
+#[inline]
+pub(crate) fn line(
+    rgb: &[u8],
+    lut: &[[f32; 256]; 3],
+    r: &mut [MaybeUninit<f32>],
+    g: &mut [MaybeUninit<f32>],
+    b: &mut [MaybeUninit<f32>],
+) {
+    for (((px, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
+        r.write(lut[0][px[0] as usize]);
+        g.write(lut[1][px[1] as usize]);
+        b.write(lut[2][px[2] as usize]);
+    }
 }
 
 #[cfg(test)]

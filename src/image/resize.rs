@@ -96,79 +96,83 @@ impl Taps {
     }
 }
 
-/// Resizes an interleaved RGB image `src` (`w` x `h`) to `ow` x `oh`.
-///
-/// Both passes run as "row combinations" (each output row a weighted sum of whole input rows), which vectorizes;
-/// the horizontal pass gets that shape by working on the transposed image.
-pub(crate) fn resize_rgb(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
-    let mid = if ow != w {
-        let cols = transpose(src, w, h);
-        let out_cols = combine_rows(&cols, h * 3, &Taps::new(w, ow));
-        Some(transpose(&out_cols, h, ow))
-    } else {
-        None
-    };
-    let (mid, mw) = match &mid {
-        Some(v) => (v.as_slice(), ow),
-        None => (src, w),
-    };
-    if oh != h {
-        combine_rows(mid, mw * 3, &Taps::new(h, oh))
-    } else {
-        mid.to_vec()
-    }
+/// The horizontal pass: `src` (`w` x `h` interleaved RGB) to `ow` x `h`, rounded to uint8 as aten does between
+/// the passes. It runs on the transposed image so that, like the vertical pass, each output line is a weighted
+/// sum of whole input lines, which vectorizes; the two transposes cost less than the gathers they replace.
+pub(crate) fn horizontal(src: &[u8], w: usize, h: usize, ow: usize) -> Vec<u8> {
+    let taps = Taps::new(w, ow);
+    let cols = transpose(src, w, h);
+    let line = h * 3;
+    let mut out_cols = vec![0u8; line * ow];
+    out_cols
+        .par_chunks_mut(line)
+        .enumerate()
+        .for_each_init(|| vec![0i32; line], |acc, (x, out)| combine(&cols, line, 0, &taps, x, acc, out));
+    transpose(&out_cols, h, ow)
 }
 
-/// `src` holds rows of `row_len` bytes; output row i = clamp((2^(p-1) + sum_j w_ij * row_(start_i + j)) >> p).
-fn combine_rows(src: &[u8], row_len: usize, taps: &Taps) -> Vec<u8> {
-    let n_out = taps.start.len();
-    let mut out = vec![0u8; row_len * n_out];
-    out.par_chunks_mut(row_len).enumerate().for_each_init(
-        || vec![0i32; row_len],
-        |acc, (i, orow)| {
-            let (y0, ws) = taps.get(i);
-            let rows = &src[y0 * row_len..(y0 + ws.len()) * row_len];
-            mac_rows(acc, rows, row_len, ws, taps.precision, orow);
-        },
-    );
-    out
-}
-
-fn mac_rows(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
+/// Output line `i` of a pass, restricted to bytes `offset..offset + out.len()` of each input line of `stride`
+/// bytes: out = clamp((2^(p-1) + sum_j w_ij * line_(start_i + j)) >> p, 0, 255).
+pub(crate) fn combine(
+    src: &[u8],
+    stride: usize,
+    offset: usize,
+    taps: &Taps,
+    i: usize,
+    acc: &mut [i32],
+    out: &mut [u8],
+) {
+    let (first, ws) = taps.get(i);
+    let acc = &mut acc[..out.len()];
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (checked just above); the function is the portable code compiled with it.
-        unsafe { mac_rows_avx2(acc, rows, row_len, ws, precision, out) };
+        unsafe { combine_avx2(src, stride, offset + first * stride, ws, taps.precision, acc, out) };
         return;
     }
-    mac_rows_portable(acc, rows, row_len, ws, precision, out);
+    combine_portable(src, stride, offset + first * stride, ws, taps.precision, acc, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn mac_rows_avx2(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
-    mac_rows_portable(acc, rows, row_len, ws, precision, out)
+unsafe fn combine_avx2(
+    src: &[u8],
+    stride: usize,
+    start: usize,
+    ws: &[i16],
+    precision: u32,
+    acc: &mut [i32],
+    out: &mut [u8],
+) {
+    combine_portable(src, stride, start, ws, precision, acc, out)
 }
 
-/// Taps two at a time so the accumulator row is loaded and stored half as often.
+/// Taps two at a time so the accumulator line is loaded and stored half as often.
 #[inline(always)]
-fn mac_rows_portable(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], precision: u32, out: &mut [u8]) {
+fn combine_portable(
+    src: &[u8],
+    stride: usize,
+    start: usize,
+    ws: &[i16],
+    precision: u32,
+    acc: &mut [i32],
+    out: &mut [u8],
+) {
+    let n = out.len();
+    let line = |j: usize| &src[start + j * stride..start + j * stride + n];
     acc.fill(1i32 << (precision - 1));
     let mut pairs = ws.chunks_exact(2);
     let mut j = 0;
     for pair in &mut pairs {
         let (k0, k1) = (pair[0] as i32, pair[1] as i32);
-        let r0 = &rows[j * row_len..(j + 1) * row_len];
-        let r1 = &rows[(j + 1) * row_len..(j + 2) * row_len];
-        for ((a, &p0), &p1) in acc.iter_mut().zip(r0).zip(r1) {
+        for ((a, &p0), &p1) in acc.iter_mut().zip(line(j)).zip(line(j + 1)) {
             *a += p0 as i32 * k0 + p1 as i32 * k1;
         }
         j += 2;
     }
     if let [k] = pairs.remainder() {
         let k = *k as i32;
-        let r = &rows[j * row_len..(j + 1) * row_len];
-        for (a, &p) in acc.iter_mut().zip(r) {
+        for (a, &p) in acc.iter_mut().zip(line(j)) {
             *a += p as i32 * k;
         }
     }
@@ -177,24 +181,46 @@ fn mac_rows_portable(acc: &mut [i32], rows: &[u8], row_len: usize, ws: &[i16], p
     }
 }
 
-/// Transposes an interleaved RGB image of `w` x `h` pixels into one of `h` x `w` pixels, in cache-sized blocks.
+/// Transposes an interleaved RGB image of `w` x `h` pixels into one of `h` x `w` pixels: each task owns a band
+/// of output lines and moves 8x8-pixel blocks through a small buffer, so both sides stay in cache.
 fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
-    const B: usize = 32;
+    const B: usize = 8;
     let mut out = vec![0u8; w * h * 3];
-    // Output row x holds input column x; each task fills B output rows.
     out.par_chunks_mut(B * h * 3).enumerate().for_each(|(bx, dst)| {
         let x0 = bx * B;
         let xn = dst.len() / (h * 3);
+        let mut tile = [[0u8; B * 3]; B];
         for y0 in (0..h).step_by(B) {
-            for y in y0..(y0 + B).min(h) {
-                let srow = &src[(y * w + x0) * 3..(y * w + x0 + xn) * 3];
-                for (dx, px) in srow.chunks_exact(3).enumerate() {
-                    let d = (dx * h + y) * 3;
-                    dst[d..d + 3].copy_from_slice(px);
+            let yn = B.min(h - y0);
+            for (r, t) in tile.iter_mut().enumerate().take(yn) {
+                let s = ((y0 + r) * w + x0) * 3;
+                t[..xn * 3].copy_from_slice(&src[s..s + xn * 3]);
+            }
+            for c in 0..xn {
+                let d = (c * h + y0) * 3;
+                for (r, px) in dst[d..d + yn * 3].chunks_exact_mut(3).enumerate() {
+                    px.copy_from_slice(&tile[r][c * 3..c * 3 + 3]);
                 }
             }
         }
     });
+    out
+}
+
+/// Whole-image resize, for tests: the pipeline itself fuses the vertical pass with normalization (`super`).
+#[cfg(test)]
+pub(crate) fn resize_rgb(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+    let mid = if ow != w { horizontal(src, w, h, ow) } else { src.to_vec() };
+    if oh == h {
+        return mid;
+    }
+    let taps = Taps::new(h, oh);
+    let line = ow * 3;
+    let mut out = vec![0u8; line * oh];
+    let mut acc = vec![0i32; line];
+    for (y, o) in out.chunks_mut(line).enumerate() {
+        combine(&mid, line, 0, &taps, y, &mut acc, o);
+    }
     out
 }
 

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::matmul::{gemm_f32, Mat};
-use super::{f32_data, invalid, math, SyncPtr};
+use super::{f32_data, invalid, math, simd_dispatch, SyncPtr};
 use crate::tensor::Tensor;
 use crate::Result;
 
@@ -42,7 +42,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scal
     }
     if let Some(p) = causal {
         if p + tq > tk {
-            return Err(invalid(OP, format!("causal offset {p} with {tq} queries needs >= {} keys; got {}", p + tq, shapes())));
+            return Err(invalid(
+                OP,
+                format!("causal offset {p} with {tq} queries needs >= {} keys; got {}", p + tq, shapes()),
+            ));
         }
     } else if tk == 0 && tq > 0 {
         return Err(invalid(OP, format!("no keys to attend to; got {}", shapes())));
@@ -55,11 +58,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scal
     let group = hq / hk;
     // Keys visible to query row i.
     let visible = |i: usize| causal.map_or(tk, |p| p + i + 1);
-    let dst = SyncPtr(out.as_mut_ptr());
+    let dst = SyncPtr::new(out.as_mut_ptr());
     let q_block = if tq <= SMALL_TQ { tq } else { Q_BLOCK };
     let blocks = tq.div_ceil(q_block);
     (0..hq * blocks).into_par_iter().for_each(|task| {
-        let dst = dst;
         let (h, b) = (task / blocks, task % blocks);
         let kvh = h / group;
         let (i0, i1) = (b * q_block, ((b + 1) * q_block).min(tq));
@@ -68,21 +70,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scal
             let (s, kh) = &mut *scratch.borrow_mut();
             s.resize((i1 - i0) * keys, 0.0);
             if tq <= SMALL_TQ {
+                let mut acc = vec![0f32; d];
                 for i in i0..i1 {
-                    let row = &mut s[(i - i0) * keys..(i - i0 + 1) * keys];
+                    let row = &mut s[(i - i0) * keys..(i - i0) * keys + visible(i)];
                     let qrow = &qd[(i * hq + h) * d..(i * hq + h + 1) * d];
-                    let n = visible(i);
-                    for (j, sc) in row[..n].iter_mut().enumerate() {
-                        *sc = math::dot(qrow, &kd[(j * hk + kvh) * d..(j * hk + kvh + 1) * d]) * scale;
-                    }
-                    math::softmax_row(&mut row[..n]);
-                    let mut acc = vec![0f32; d];
-                    for (j, &p) in row[..n].iter().enumerate() {
-                        math::axpy(&mut acc, p, &vd[(j * hk + kvh) * d..(j * hk + kvh + 1) * d]);
-                    }
+                    attend_row(qrow, kd, vd, hk * d, kvh * d, scale, row, &mut acc);
                     // SAFETY: row i, head h of out belongs to this task alone (tasks own disjoint
                     // (head, row block) pairs), and out outlives the parallel loop.
-                    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.0.add((i * hq + h) * d), d) };
+                    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.get().add((i * hq + h) * d), d) };
                 }
                 return;
             }
@@ -123,7 +118,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scal
                     keys,
                     Mat { ptr: s.as_ptr(), rs: keys as isize, cs: 1 },
                     Mat { ptr: vd.as_ptr().add(kvh * d), rs: ldk, cs: 1 },
-                    dst.0.add((i0 * hq + h) * d),
+                    dst.get().add((i0 * hq + h) * d),
                     ldq,
                     1,
                     false,
@@ -134,3 +129,38 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scal
     });
     Tensor::from_f32(qs.to_vec(), out)
 }
+
+/// One query row against the first `scores.len()` keys of one kv head (row `j` of that head at
+/// `k[j * ld + off..][..d]`): scores, softmax, then the probability-weighted sum of values into `out`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_row_body(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    off: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = math::dot_body(q, &k[j * ld + off..j * ld + off + d]) * scale;
+    }
+    math::softmax_body(scores);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        math::axpy_body(out, p, &v[j * ld + off..j * ld + off + d]);
+    }
+}
+simd_dispatch!(fn attend_row(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ld: usize,
+    off: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) => attend_row_body);

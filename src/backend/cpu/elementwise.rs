@@ -53,9 +53,8 @@ pub fn add_scaled(residual: &mut Tensor, x: &Tensor, scale: Option<&Tensor>) -> 
 /// In-place exact GELU, `x/2 · (1 + erf(x/√2))`.
 pub fn gelu_erf(x: &mut Tensor) -> Result<()> {
     let (shape, dtype) = (x.shape().to_vec(), x.dtype());
-    let v = x
-        .f32s_mut()
-        .map_err(|_| invalid("gelu_erf", format!("x must be f32, got {dtype:?} of shape {shape:?}")))?;
+    let v =
+        x.f32s_mut().map_err(|_| invalid("gelu_erf", format!("x must be f32, got {dtype:?} of shape {shape:?}")))?;
     if v.len() <= CHUNK {
         math::gelu_slice(v);
     } else {

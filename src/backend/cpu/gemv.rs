@@ -1,6 +1,6 @@
 //! Matrix-vector kernels for `linear` with a handful of input rows (decode): each weight row is read once
-//! from memory in its stored dtype, widened to f32 in registers and dotted with up to four input rows while
-//! it sits in L1. Decode is bound by weight bandwidth, so a bf16 checkpoint moves half the bytes of f32.
+//! from memory in its stored dtype, widened to f32 in registers and dotted with every input row, four at a
+//! time, while it sits in L1. Decode is bound by weight bandwidth, so a bf16 checkpoint moves half the bytes of f32.
 //!
 //! A tile holds `R` weight rows against `M` input rows in `M * R` vector accumulators; `R` shrinks as `M`
 //! grows so the accumulators, the `M` input vectors and one weight vector fit the register file (32 zmm
@@ -70,9 +70,7 @@ impl Elem for bf16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const bf16) -> __m512 {
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-            p as *const __m256i,
-        ))))
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
     }
 }
 
@@ -104,7 +102,7 @@ const GROUP: usize = 8;
 /// every input row `i < m`. Output is row-major by weight row, so that a block of rows owns a contiguous
 /// slice of it.
 pub(crate) fn gemv_rows<W: Elem>(isa: Isa, x: &[f32], m: usize, k: usize, w: &[W], out: &mut [f32]) {
-    let rows = if k == 0 { out.len() / m.max(1) } else { w.len() / k };
+    let rows = w.len().checked_div(k).unwrap_or(out.len() / m.max(1));
     assert!(x.len() == m * k && w.len() == rows * k && out.len() == rows * m, "gemv_rows: slice sizes");
     if k == 0 {
         out.fill(0.0);
@@ -248,17 +246,38 @@ unsafe fn hsum256(v: __m256) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn hsum512(v: __m512) -> f32 {
-    let s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+    let s =
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
     hsum256(s)
 }
 
 #[cfg(target_arch = "x86_64")]
-gemv_isa!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", __m512, 16, _mm512_setzero_ps, _mm512_loadu_ps,
-    load16, _mm512_fmadd_ps, hsum512, [8, 8, 8, 4]);
+gemv_isa!(
+    avx512,
+    "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    load16,
+    _mm512_fmadd_ps,
+    hsum512,
+    [8, 8, 8, 4]
+);
 
 #[cfg(target_arch = "x86_64")]
-gemv_isa!(avx2, "avx2,fma,f16c", __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, load8, _mm256_fmadd_ps,
-    hsum256, [8, 4, 2, 2]);
+gemv_isa!(
+    avx2,
+    "avx2,fma,f16c",
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    load8,
+    _mm256_fmadd_ps,
+    hsum256,
+    [8, 4, 2, 2]
+);
 
 #[cfg(test)]
 mod tests {
@@ -284,19 +303,24 @@ mod tests {
         if super::super::isa() >= Isa::Avx512 {
             isas.push(Isa::Avx512);
         }
-        for &(m, k, rows) in &[(1, 64, 8), (1, 19, 3), (2, 37, 11), (3, 100, 17), (4, 129, 9), (7, 33, 24), (5, 16, 1)] {
+        for &(m, k, rows) in &[(1, 64, 8), (1, 19, 3), (2, 37, 11), (3, 100, 17), (4, 129, 9), (7, 33, 24), (5, 16, 1)]
+        {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let wf: Vec<f32> = (0..rows * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
             let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
             let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
             let wbf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
             let whf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
-            let (rf, rb, rh) = (reference(&x, m, k, &wf, rows), reference(&x, m, k, &wbf, rows), reference(&x, m, k, &whf, rows));
+            let (rf, rb, rh) =
+                (reference(&x, m, k, &wf, rows), reference(&x, m, k, &wbf, rows), reference(&x, m, k, &whf, rows));
             for &isa in &isas {
                 let mut out = vec![0f32; rows * m];
                 let check = |out: &[f32], want: &[f64], what: &str| {
                     for (j, (&g, &e)) in out.iter().zip(want).enumerate() {
-                        assert!((g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()), "{isa:?} {what} m={m} k={k} rows={rows} at {j}: {g} vs {e}");
+                        assert!(
+                            (g as f64 - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                            "{isa:?} {what} m={m} k={k} rows={rows} at {j}: {g} vs {e}"
+                        );
                     }
                 };
                 gemv_rows(isa, &x, m, k, &wf, &mut out);

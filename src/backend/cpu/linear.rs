@@ -1,12 +1,12 @@
 //! `linear`: `y = x · wᵀ (+ b)` with weights in their stored dtype.
 //!
-//! Two regimes. With a few input rows (decode) the op is bound by reading the weights, so `gemv` streams each
-//! weight row once, widening bf16/f16 in registers, with rayon over blocks of output rows. With many rows
-//! (prefill, vision) it is bound by arithmetic: rayon tasks own blocks of weight rows, widen one block into a
-//! per-thread f32 scratch (about 512 KiB, so it stays in L2 while `gemm` packs it) and run a
-//! single-threaded f32 GEMM into their columns of the output. No f32 copy of the whole matrix is ever made.
-//! The bias is written into the output first and the GEMM accumulates onto it, which is the same single
-//! addition after the dot product that torch's `addmm` performs.
+//! Two regimes. With a few input rows (decode, small batches) the op is bound by reading the weights, so
+//! `gemv` streams each weight row once, widening bf16/f16 in registers, with rayon over blocks of output
+//! rows. With many rows (prefill, vision) it is bound by arithmetic: rayon tasks own blocks of weight rows,
+//! widen one block into a per-thread f32 scratch (about 512 KiB, so it stays in L2 while `gemm` packs it)
+//! and run a single-threaded f32 GEMM into their columns of the output. No f32 copy of the whole matrix is
+//! ever made. The bias is written into the output first and the GEMM accumulates onto it, which is the same
+//! single addition after the dot product that torch's `addmm` performs.
 
 use std::cell::RefCell;
 
@@ -19,9 +19,11 @@ use super::{f32_data, invalid, isa, param_f32, SyncPtr, Weights};
 use crate::tensor::Tensor;
 use crate::Result;
 
-/// Largest number of input rows that still take the GEMV path. Measured on Zen 5 (bf16 896x4864): GEMV
-/// re-reads L1-resident weight rows per group of four inputs and stays ahead of the GEMM until about here.
-const GEMV_MAX_M: usize = 4;
+/// Largest number of input rows that still take the GEMV path. Measured single-threaded on Zen 5 (bf16 and
+/// f32, 896x4864 and 4864x896): the GEMV, which streams the weights once and re-reads L1-resident rows per
+/// group of four inputs, beats widen-then-GEMM up to about 48 rows (2x at 16), since the `gemm` crate is
+/// slow at small m and the widening costs a pass over the weights. Batched decode lands here too.
+const GEMV_MAX_M: usize = 32;
 
 /// Weight elements per GEMV task: enough work to amortise a rayon task, small enough to balance.
 const GEMV_TASK_ELEMS: usize = 1 << 16;
@@ -93,9 +95,7 @@ fn gemv<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, bias: Option<
     if rows >= n {
         gemv_rows(isa, x, m, k, w, dst);
     } else {
-        dst.par_chunks_mut(rows * m)
-            .zip(w.par_chunks(rows * k))
-            .for_each(|(o, wc)| gemv_rows(isa, x, m, k, wc, o));
+        dst.par_chunks_mut(rows * m).zip(w.par_chunks(rows * k)).for_each(|(o, wc)| gemv_rows(isa, x, m, k, wc, o));
     }
     if m == 1 {
         if let Some(b) = bias {
@@ -120,7 +120,7 @@ fn gemm_blocks<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, accumu
     // Too few weight blocks to feed every thread (a narrow k/v projection): split the rows of x as well.
     let row_blocks = if col_blocks >= 2 * threads { 1 } else { (2 * threads).div_ceil(col_blocks).min(m.div_ceil(16)) };
     let mb = m.div_ceil(row_blocks);
-    let dst = SyncPtr(out.as_mut_ptr());
+    let dst = SyncPtr::new(out.as_mut_ptr());
     (0..col_blocks * row_blocks).into_par_iter().for_each(|task| {
         let (cb, rb) = (task / row_blocks, task % row_blocks);
         let (j0, j1) = (cb * nb, ((cb + 1) * nb).min(n));
@@ -130,7 +130,6 @@ fn gemm_blocks<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, accumu
         }
         let wblock = &w[j0 * k..j1 * k];
         let run = |wf: &[f32]| {
-            let dst = dst;
             // SAFETY: x, the weight block and out hold the addressed elements ([i0..i1) x k, [j0..j1) x k,
             // [i0..i1) x [j0..j1) of an m x n row-major output); tasks own disjoint (row, column) blocks
             // of out, and out outlives the parallel loop.
@@ -141,7 +140,7 @@ fn gemm_blocks<W: Elem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, accumu
                     k,
                     Mat { ptr: x.as_ptr().add(i0 * k), rs: k as isize, cs: 1 },
                     Mat { ptr: wf.as_ptr(), rs: 1, cs: k as isize },
-                    dst.0.add(i0 * n + j0),
+                    dst.get().add(i0 * n + j0),
                     n as isize,
                     1,
                     accumulate,

@@ -48,9 +48,7 @@ pub(crate) fn isa() -> Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn detect_isa() -> Isa {
-    let avx2 = is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c");
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
     let avx512 = avx2
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -80,12 +78,15 @@ fn detect_isa() -> Isa {
 /// The wrappers only add target features: the arithmetic, and so the result, is the same on every path.
 macro_rules! simd_dispatch {
     ($vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:path) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
                 #[target_feature(enable = "avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { $body($($arg),*) }
                 match crate::backend::cpu::isa() {
                     // SAFETY: `isa()` reported these features on this CPU.
@@ -148,7 +149,18 @@ impl<'a> Weights<'a> {
 /// A raw pointer that rayon tasks may share, for outputs whose parts the tasks write are disjoint but not
 /// contiguous (column blocks, heads inside rows). Every use states why its writes do not overlap.
 #[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub(crate) *mut f32);
+pub(crate) struct SyncPtr(*mut f32);
 // SAFETY: only a pointer; the users guarantee disjoint writes and that the buffer outlives the tasks.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    pub(crate) fn new(p: *mut f32) -> SyncPtr {
+        SyncPtr(p)
+    }
+
+    /// Through a method, so that closures capture the whole `SyncPtr` (which is `Sync`), not its field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,7 +1,8 @@
 //! LayerNorm and RMSNorm over the last dim, as torch writes them: LayerNorm with the biased variance and
-//! `(x - mean) · rsqrt(var + eps) · w + b`; RMSNorm as Qwen2's `x · rsqrt(mean(x²) + eps)` rounded to f32, then
-//! `· w`. Row sums are taken in f64 (mean, then the centred second moment) and `x - mean` is rounded once from
-//! f64, so a large common offset costs no digits; the rest of the per-element arithmetic is f32. Rows run in parallel once there is enough work.
+//! `(x - mean) · rsqrt(var + eps) · w + b`; RMSNorm as Qwen2's `x · rsqrt(mean(x²) + eps)` rounded to f32,
+//! then `· w`. Row sums are taken in f64 (mean, then the centred second moment) and `x - mean` is rounded
+//! once from f64, so a large common offset costs no digits; the rest of the per-element arithmetic is f32.
+//! Rows run in parallel once there is enough work.
 
 use rayon::prelude::*;
 

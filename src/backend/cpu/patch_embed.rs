@@ -14,7 +14,8 @@ use crate::Result;
 pub fn patch_embed(pixels: &Tensor, w: &Tensor, b: &Tensor, cls: &Tensor, pos: &Tensor) -> Result<Tensor> {
     const OP: &str = "patch_embed";
     let (ps, ws) = (pixels.shape(), w.shape());
-    let shapes = || format!("pixels {ps:?}, weight {ws:?}, bias {:?}, cls {:?}, pos {:?}", b.shape(), cls.shape(), pos.shape());
+    let shapes =
+        || format!("pixels {ps:?}, weight {ws:?}, bias {:?}, cls {:?}, pos {:?}", b.shape(), cls.shape(), pos.shape());
     if ws.len() != 4 || ws[2] != ws[3] || ws.contains(&0) || ps.len() != 4 || ps[1] != ws[1] {
         return Err(invalid(OP, format!("need pixels [n, c, H, W] and weight [h, c, p, p]; got {}", shapes())));
     }
@@ -26,7 +27,10 @@ pub fn patch_embed(pixels: &Tensor, w: &Tensor, b: &Tensor, cls: &Tensor, pos: &
     let (gy, gx) = (hh / p, ww / p);
     let tokens = 1 + gy * gx;
     if b.shape() != [h] || cls.numel() != h || pos.numel() != tokens * h {
-        return Err(invalid(OP, format!("need bias [{h}], cls of {h} and pos [{tokens}, {h}] values; got {}", shapes())));
+        return Err(invalid(
+            OP,
+            format!("need bias [{h}], cls of {h} and pos [{tokens}, {h}] values; got {}", shapes()),
+        ));
     }
     let px = f32_data(OP, "pixels", pixels)?;
     let kdim = c * p * p;

@@ -13,7 +13,7 @@ use crate::Result;
 pub fn rope(x: &mut Tensor, positions: &[usize], inv_freq: &[f32]) -> Result<()> {
     const OP: &str = "rope";
     let xs = x.shape().to_vec();
-    if xs.len() != 3 || xs[2] % 2 != 0 || xs[2] / 2 != inv_freq.len() || positions.len() != xs[0] {
+    if xs.len() != 3 || !xs[2].is_multiple_of(2) || xs[2] / 2 != inv_freq.len() || positions.len() != xs[0] {
         return Err(invalid(
             OP,
             format!(
@@ -25,9 +25,7 @@ pub fn rope(x: &mut Tensor, positions: &[usize], inv_freq: &[f32]) -> Result<()>
     }
     let (heads, d) = (xs[1], xs[2]);
     let half = d / 2;
-    let v = x
-        .f32s_mut()
-        .map_err(|_| invalid(OP, format!("x must be f32, got {xs:?}")))?;
+    let v = x.f32s_mut().map_err(|_| invalid(OP, format!("x must be f32, got {xs:?}")))?;
     if heads * d == 0 {
         return Ok(());
     }

@@ -46,24 +46,22 @@ impl Plane<'_> {
         &self.data[y * self.stride..y * self.stride + self.width]
     }
 
-    /// Writes output row `y` (at full resolution, `out.len()` = image width) of this component.
-    fn upsample_row(&self, method: Method, y: usize, out: &mut [u8], sums: &mut Vec<i32>) {
-        let w = out.len();
+    /// Writes output row `y` of this component into `out[..w]` (w = image width); the 2x methods may also write
+    /// `out[w]` when w is odd, so `out` holds w + 1 bytes.
+    fn upsample_row(&self, method: Method, y: usize, w: usize, out: &mut [u8], sums: &mut Vec<i32>) {
         match method {
-            Method::Full => out.copy_from_slice(&self.row(y)[..w]),
+            Method::Full => out[..w].copy_from_slice(&self.row(y)[..w]),
             Method::Replicate => {
                 let src = self.row(y / self.vy);
-                for (x, o) in out.iter_mut().enumerate() {
+                for (x, o) in out[..w].iter_mut().enumerate() {
                     *o = src[x / self.hx];
                 }
             }
-            Method::H2V1Fancy => {
-                fancy_h2(self.row(y), out);
-            }
+            Method::H2V1Fancy => fancy_h2(self.row(y), out),
             Method::H1V2Fancy => {
                 let (near, far, bias) = self.vertical_pair(y);
-                for (x, o) in out.iter_mut().enumerate() {
-                    *o = ((near[x] as i32 * 3 + far[x] as i32 + bias) >> 2) as u8;
+                for ((o, &a), &b) in out[..w].iter_mut().zip(near).zip(far) {
+                    *o = ((a as i32 * 3 + b as i32 + bias) >> 2) as u8;
                 }
             }
             Method::H2V2Fancy => {
@@ -87,45 +85,35 @@ impl Plane<'_> {
     }
 }
 
-/// h2v1 fancy: output 2j is (3*in[j] + in[j-1] + 1) >> 2, output 2j+1 is (3*in[j] + in[j+1] + 2) >> 2; the first and
-/// last outputs copy the edge sample.
+/// h2v1 fancy into `out[..2 * src.len()]`: output 2j is (3*in[j] + in[j-1] + 1) >> 2, output 2j+1 is
+/// (3*in[j] + in[j+1] + 2) >> 2; the first and last outputs copy the edge sample. Needs 3 or more samples.
 fn fancy_h2(src: &[u8], out: &mut [u8]) {
     let n = src.len();
-    let w = out.len();
-    let mut put = |i: usize, v: i32| {
-        if i < w {
-            out[i] = v as u8;
-        }
-    };
     let s = |j: usize| src[j] as i32;
-    put(0, s(0));
-    put(1, (s(0) * 3 + s(1) + 2) >> 2);
-    for j in 1..n - 1 {
-        put(2 * j, (s(j) * 3 + s(j - 1) + 1) >> 2);
-        put(2 * j + 1, (s(j) * 3 + s(j + 1) + 2) >> 2);
+    out[0] = src[0];
+    out[1] = ((s(0) * 3 + s(1) + 2) >> 2) as u8;
+    for (o, w) in out[2..2 * n - 2].chunks_exact_mut(2).zip(src.windows(3)) {
+        let t = w[1] as i32 * 3;
+        o[0] = ((t + w[0] as i32 + 1) >> 2) as u8;
+        o[1] = ((t + w[2] as i32 + 2) >> 2) as u8;
     }
-    put(2 * (n - 1), (s(n - 1) * 3 + s(n - 2) + 1) >> 2);
-    put(2 * (n - 1) + 1, s(n - 1));
+    out[2 * n - 2] = ((s(n - 1) * 3 + s(n - 2) + 1) >> 2) as u8;
+    out[2 * n - 1] = src[n - 1];
 }
 
-/// h2v2 fancy on column sums (3*near + far): outputs (3*c[j] + c[j-1] + 8) >> 4 and (3*c[j] + c[j+1] + 7) >> 4,
-/// edges (4*c + 8) >> 4 and (4*c + 7) >> 4.
+/// h2v2 fancy on column sums c = 3*near + far, into `out[..2 * c.len()]`: outputs (3*c[j] + c[j-1] + 8) >> 4 and
+/// (3*c[j] + c[j+1] + 7) >> 4, edges (4*c + 8) >> 4 and (4*c + 7) >> 4. Needs 3 or more sums.
 fn fancy_h2_sums(c: &[i32], out: &mut [u8]) {
     let n = c.len();
-    let w = out.len();
-    let mut put = |i: usize, v: i32| {
-        if i < w {
-            out[i] = v as u8;
-        }
-    };
-    put(0, (c[0] * 4 + 8) >> 4);
-    put(1, (c[0] * 3 + c[1] + 7) >> 4);
-    for j in 1..n - 1 {
-        put(2 * j, (c[j] * 3 + c[j - 1] + 8) >> 4);
-        put(2 * j + 1, (c[j] * 3 + c[j + 1] + 7) >> 4);
+    out[0] = ((c[0] * 4 + 8) >> 4) as u8;
+    out[1] = ((c[0] * 3 + c[1] + 7) >> 4) as u8;
+    for (o, w) in out[2..2 * n - 2].chunks_exact_mut(2).zip(c.windows(3)) {
+        let t = w[1] * 3;
+        o[0] = ((t + w[0] + 8) >> 4) as u8;
+        o[1] = ((t + w[2] + 7) >> 4) as u8;
     }
-    put(2 * (n - 1), (c[n - 1] * 3 + c[n - 2] + 8) >> 4);
-    put(2 * (n - 1) + 1, (c[n - 1] * 4 + 7) >> 4);
+    out[2 * n - 2] = ((c[n - 1] * 3 + c[n - 2] + 8) >> 4) as u8;
+    out[2 * n - 1] = ((c[n - 1] * 4 + 7) >> 4) as u8;
 }
 
 /// What the samples mean, decided as libjpeg's default_decompress_parms does.
@@ -179,20 +167,21 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
     }
     let tables = ycc_tables();
     let mut rgb = vec![0u8; width * height * 3];
+    let line = width + 1;
     rgb.par_chunks_mut(width * 3).enumerate().for_each_init(
-        || (vec![0u8; width * 3], Vec::new()),
+        || (vec![0u8; line * 3], Vec::new()),
         |(scratch, sums), (y, out)| {
-            let (s0, rest) = scratch.split_at_mut(width);
-            let (s1, s2) = rest.split_at_mut(width);
+            let (s0, rest) = scratch.split_at_mut(line);
+            let (s1, s2) = rest.split_at_mut(line);
             let bufs: [&mut [u8]; 3] = [s0, s1, s2];
-            let mut rows: Vec<&[u8]> = Vec::with_capacity(3);
-            for ((plane, &m), buf) in planes.iter().zip(&methods).zip(bufs) {
-                if m == Method::Full {
-                    rows.push(&plane.row(y)[..width]);
+            let mut rows: [&[u8]; 3] = [&[], &[], &[]];
+            for (((plane, &m), buf), row) in planes.iter().zip(&methods).zip(bufs).zip(&mut rows) {
+                *row = if m == Method::Full {
+                    &plane.row(y)[..width]
                 } else {
-                    plane.upsample_row(m, y, buf, sums);
-                    rows.push(buf);
-                }
+                    plane.upsample_row(m, y, width, buf, sums);
+                    &buf[..width]
+                };
             }
             match space {
                 ColorSpace::Gray => {
@@ -201,15 +190,13 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
                     }
                 }
                 ColorSpace::Rgb => {
-                    for (x, o) in out.chunks_exact_mut(3).enumerate() {
-                        o.copy_from_slice(&[rows[0][x], rows[1][x], rows[2][x]]);
+                    for (((o, &r), &g), &b) in out.chunks_exact_mut(3).zip(rows[0]).zip(rows[1]).zip(rows[2]) {
+                        o.copy_from_slice(&[r, g, b]);
                     }
                 }
                 ColorSpace::YCbCr => {
-                    for (x, o) in out.chunks_exact_mut(3).enumerate() {
-                        let yy = rows[0][x] as i32;
-                        let cb = rows[1][x] as usize;
-                        let cr = rows[2][x] as usize;
+                    for (((o, &yy), &cb), &cr) in out.chunks_exact_mut(3).zip(rows[0]).zip(rows[1]).zip(rows[2]) {
+                        let (yy, cb, cr) = (yy as i32, cb as usize, cr as usize);
                         o[0] = clamp8(yy + tables.cr_r[cr]);
                         o[1] = clamp8(yy + ((tables.cb_g[cb] + tables.cr_g[cr]) >> SCALEBITS));
                         o[2] = clamp8(yy + tables.cb_b[cb]);

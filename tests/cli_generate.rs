@@ -1,0 +1,118 @@
+//! The `facellm` binary as a user runs it: demo, generate (text and JSON agree), and the bad inputs that
+//! must give one readable line and exit code 1 (2 for usage errors), never a panic.
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn facellm() -> Command {
+    Command::cargo_bin("facellm").unwrap()
+}
+
+fn demo_model(dir: &Path) {
+    facellm::model::random::write_demo_model(dir, "cli-test").unwrap();
+}
+
+fn face() -> String {
+    format!("{}/assets/demo/pd_astronaut_eileen_collins.jpg", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn demo_runs_and_says_the_weights_are_random() {
+    facellm()
+        .arg("demo")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("RANDOM weights"))
+        .stdout(predicate::str::contains("the weights are random"))
+        .stdout(predicate::str::contains("decode"))
+        .stderr(predicate::str::contains("panicked").not());
+}
+
+#[test]
+fn generate_text_and_json_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    let args = ["generate", "--model", model, "--image", &face(), "--prompt", "How old is this person?", "--max-new-tokens", "12"];
+    let text = facellm().args(args).assert().success().get_output().stdout.clone();
+    let text = String::from_utf8(text).unwrap();
+    let json = facellm().args(args).args(["--output", "json"]).assert().success().get_output().stdout.clone();
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(text.trim_end_matches('\n'), json["text"].as_str().unwrap());
+    assert_eq!(json["generated_ids"].as_array().unwrap().len(), 12);
+    assert_eq!(json["tiles_per_image"], serde_json::json!([1]));
+    let prompt_ids = json["prompt_ids"].as_array().unwrap();
+    assert_eq!(prompt_ids.iter().filter(|v| v.as_u64() == Some(151667)).count(), 256);
+    for key in ["load_ms", "vision_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s"] {
+        assert!(json["timings"].get(key).is_some(), "timings.{key}");
+    }
+}
+
+#[test]
+fn temperature_zero_is_greedy_and_sampling_is_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = facellm()
+            .args(["generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", "8", "--output", "json"])
+            .args(extra)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        serde_json::from_slice(&out).unwrap()
+    };
+    assert_eq!(run(&[])["generated_ids"], run(&["--temperature", "0"])["generated_ids"]);
+    let a = run(&["--temperature", "1.5", "--seed", "7"]);
+    let b = run(&["--temperature", "1.5", "--seed", "7"]);
+    assert_eq!(a["generated_ids"], b["generated_ids"]);
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    facellm()
+        .args(args)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(needle))
+        .stderr(predicate::str::contains("panicked").not());
+}
+
+#[test]
+fn bad_inputs_give_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    fails_with(&["generate", "--model", "/no/such/model", "--prompt", "x"], "not found");
+
+    let not_image = dir.path().join("notes.jpg");
+    std::fs::write(&not_image, b"this is text, not a JPEG").unwrap();
+    fails_with(&["generate", "--model", model, "--image", not_image.to_str().unwrap(), "--prompt", "x"], "notes.jpg");
+    fails_with(&["generate", "--model", model, "--image", "/no/such/face.jpg", "--prompt", "x"], "face.jpg");
+
+    // A checkpoint cut in half.
+    let cut = tempfile::tempdir().unwrap();
+    demo_model(cut.path());
+    let st = cut.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    fails_with(&["generate", "--model", cut.path().to_str().unwrap(), "--prompt", "x"], "model.safetensors");
+
+    // A context shorter than the prompt (one image is 256 tokens).
+    let short = tempfile::tempdir().unwrap();
+    demo_model(short.path());
+    let cfg_path = short.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["text_config"]["max_position_embeddings"] = serde_json::json!(128);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    fails_with(&["generate", "--model", short.path().to_str().unwrap(), "--image", &face(), "--prompt", "x"], "context");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    facellm().args(["generate", "--prompt", "x"]).assert().code(2);
+    facellm().args(["no-such-command"]).assert().code(2);
+}
