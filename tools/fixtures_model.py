@@ -536,7 +536,6 @@ def write_safetensors(path, tensors, metadata):
 def do_case(case, tok, ckpt_root):
     import transformers
 
-    t0 = time.time()
     out_dir = os.path.join(OUT_ROOT, case)
     ckpt_dir = os.path.join(ckpt_root, case)
     spec = CASES[case]
@@ -617,7 +616,8 @@ def do_case(case, tok, ckpt_root):
     # The committed header + recipe table alone must reproduce HF's file byte for byte.
     regen = None  # filled after ref.json is written (it holds the recipe table)
     st_path = os.path.join(out_dir, "ref.safetensors")
-    write_safetensors(st_path, tensors, {"case": case, "recipe": RECIPE_VERSION})
+    # One metadata entry only: safetensors orders metadata keys arbitrarily, which would make reruns differ.
+    write_safetensors(st_path, tensors, {"fixture": f"{RECIPE_VERSION}/{case}"})
     ref = {
         "case": case,
         "written_by": "tools/fixtures_model.py",
@@ -636,7 +636,6 @@ def do_case(case, tok, ckpt_root):
         "recipe_table": table,
         "ref_tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                         for k, v in sorted(tensors.items())},
-        "seconds": time.time() - t0,
     }
     with open(os.path.join(out_dir, "ref.json"), "w") as f:
         json.dump(ref, f, indent=1)

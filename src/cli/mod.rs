@@ -1,5 +1,6 @@
 //! One file per subcommand: an `Args` (clap) and a `run(Args) -> anyhow::Result<()>`.
 
+pub mod bench;
 pub mod common;
 pub mod demo;
 pub mod generate;

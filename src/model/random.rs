@@ -170,6 +170,60 @@ pub fn write_demo_model(dir: &Path, seed_name: &str) -> Result<()> {
     crate::tokenizer::write_internvl3_files(dir)
 }
 
+/// Recipe weights made on request, never written to disk: for benchmarks of real-size shapes.
+pub struct RandomWeights {
+    case: String,
+    gains: RecipeGains,
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+}
+
+impl RandomWeights {
+    /// Every tensor `config` implies, seeded under `case`.
+    pub fn for_config(config: &ModelConfig, case: &str) -> RandomWeights {
+        let shapes = expected_tensors(config).required.into_iter().collect();
+        RandomWeights { case: case.to_string(), gains: RecipeGains::default(), shapes }
+    }
+}
+
+impl crate::model::Weights for RandomWeights {
+    fn weight(&self, name: &str) -> Result<crate::tensor::Tensor> {
+        let shape = self.shapes.get(name).ok_or_else(|| Error::Invalid(format!("no tensor `{name}` in this model")))?;
+        let (offset, amp) = rule(name, shape, &self.gains)?;
+        let n = shape.iter().product();
+        crate::tensor::Tensor::from_bf16(shape.clone(), values_bf16(tensor_seed(&self.case, name), n, amp, offset))
+    }
+}
+
+/// Full-size InternVL configs with the published shapes (MODEL_SPEC §1): `1b`, `8b` or `38b`.
+pub fn published_config_json(size: &str) -> Result<String> {
+    let (vision, text) = match size {
+        "1b" => ((1024, 24, 16, 4096, "layer_norm", true, false), (896, 24, 14, 2, 4864)),
+        "8b" => ((1024, 24, 16, 4096, "layer_norm", true, false), (3584, 28, 28, 4, 18944)),
+        "38b" => ((3200, 45, 25, 12800, "rms_norm", false, true), (5120, 64, 40, 8, 27648)),
+        other => return Err(Error::Invalid(format!("unknown model size `{other}` (expected 1b, 8b or 38b)"))),
+    };
+    let (vh, vl, vheads, vi, norm, bias, qk) = vision;
+    let (d, l, heads, kv, f) = text;
+    Ok(serde_json::json!({
+        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+        "downsample_ratio": 0.5, "image_seq_length": 256, "image_token_id": 151667,
+        "projector_hidden_act": "gelu", "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": vh, "num_hidden_layers": vl, "num_attention_heads": vheads,
+            "intermediate_size": vi, "image_size": [448, 448], "patch_size": [14, 14], "norm_type": norm,
+            "layer_norm_eps": 1e-6, "attention_bias": bias, "use_qk_norm": qk, "hidden_act": "gelu",
+            "use_mean_pooling": true
+        },
+        "text_config": {
+            "model_type": "qwen2", "vocab_size": 151674, "hidden_size": d, "intermediate_size": f,
+            "num_hidden_layers": l, "num_attention_heads": heads, "num_key_value_heads": kv, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": false, "bos_token_id": 151643, "eos_token_id": 151645
+        }
+    })
+    .to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
