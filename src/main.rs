@@ -22,6 +22,8 @@ enum Command {
     Generate(cli::generate::Args),
     /// Tokenize text, or a whole chat prompt with images, and print the ids as JSON.
     Tokenize(cli::tokenize::Args),
+    /// Describe a model folder: architecture, parameters, dtypes, memory needed, special tokens.
+    Info(cli::info::Args),
     /// Preprocess an image as the model sees it and print the tiles' summary as JSON.
     Preprocess(cli::preprocess::Args),
 }
@@ -33,6 +35,7 @@ fn main() {
         Command::Demo(args) => cli::demo::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),
+        Command::Info(args) => cli::info::run(args),
         Command::Preprocess(args) => cli::preprocess::run(args),
     };
     if let Err(err) = result {

@@ -4,5 +4,6 @@ pub mod bench;
 pub mod common;
 pub mod demo;
 pub mod generate;
+pub mod info;
 pub mod preprocess;
 pub mod tokenize;
