@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Measure speed on this machine (vision tower, prefill, decode) and print JSON.
     Bench(cli::bench::Args),
+    /// Talk about one or more images, turn by turn (stdin: one turn per line; /image, /reset, /quit).
+    Chat(cli::chat::Args),
     /// Run the whole pipeline on a tiny built-in model with random weights (no download, no GPU).
     Demo(cli::demo::Args),
     /// Answer a question about zero or more images (streams text; --output json for ids and timings).
@@ -32,6 +34,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => cli::bench::run(args),
+        Command::Chat(args) => cli::chat::run(args),
         Command::Demo(args) => cli::demo::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Tokenize(args) => cli::tokenize::run(args),

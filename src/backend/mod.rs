@@ -88,3 +88,5 @@ pub fn scatter_rows(dst: &mut Tensor, rows: &[usize], src: &Tensor) -> Result<()
 pub fn argmax(x: &[f32]) -> Result<usize> {
     cpu::sampling::argmax(x)
 }
+
+pub use cpu::sampling::{Sampler, SamplingParams};

@@ -28,6 +28,9 @@ pub struct Args {
     sampling: SamplingArgs,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Also keep the demo model folder here (to try `generate`, `chat`, `info` on it).
+    #[arg(long)]
+    save_model: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -37,6 +40,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let image = dir.path().join("pd_astronaut_eileen_collins.jpg");
     std::fs::write(&image, FACE)?;
     let build_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if let Some(keep) = &args.save_model {
+        facellm::model::random::write_demo_model(keep, "demo")?;
+        std::fs::write(keep.join("pd_astronaut_eileen_collins.jpg"), FACE)?;
+    }
 
     let loaded = load_model(dir.path())?;
     let (pixels, tiles) = preprocess_images(std::slice::from_ref(&image), &ImageOptions::default())?;

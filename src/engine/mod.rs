@@ -4,4 +4,4 @@
 pub mod generate;
 pub mod stop;
 
-pub use generate::{generate, FinishReason, GenerateOptions, GenerateOutput, Timings};
+pub use generate::{generate, FinishReason, GenerateOptions, GenerateOutput, Session, Timings};

@@ -16,11 +16,30 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use super::{jpeg, orient};
 use crate::{Error, Result};
 
-/// A decoded, oriented image: interleaved RGB, `width * height * 3` bytes.
+/// A decoded, oriented image: the R, G and B planes of `width * height` bytes each, one after the other.
+/// Planes suit the rest of the pipeline (byte transposes, per-channel normalization) better than pixels.
 pub(crate) struct Rgb {
     pub width: usize,
     pub height: usize,
     pub data: Vec<u8>,
+}
+
+impl Rgb {
+    pub(crate) fn plane(&self, c: usize) -> &[u8] {
+        let n = self.width * self.height;
+        &self.data[c * n..(c + 1) * n]
+    }
+}
+
+/// Planar RGB from `n` pixels.
+fn planar(n: usize, pixels: impl Iterator<Item = [u8; 3]>) -> Vec<u8> {
+    let mut data = vec![0u8; 3 * n];
+    let (r, rest) = data.split_at_mut(n);
+    let (g, b) = rest.split_at_mut(n);
+    for (((px, r), g), b) in pixels.zip(r).zip(g).zip(b) {
+        (*r, *g, *b) = (px[0], px[1], px[2]);
+    }
+    data
 }
 
 fn err(name: &str, msg: impl Into<String>) -> Error {
@@ -105,23 +124,22 @@ fn decode_other(bytes: &[u8], name: &str, format: ImageFormat, max_pixels: u64) 
     let xmp = decoder.xmp_metadata().ok().flatten();
     let o = orient::orientation(exif.as_deref(), xmp.as_deref());
     let img = DynamicImage::from_decoder(decoder).map_err(dec_err)?;
-    let data = to_rgb(img).map_err(|m| err(name, m))?;
+    let n = w as usize * h as usize;
+    let data = to_rgb(img, n).map_err(|m| err(name, m))?;
     Ok((w as usize, h as usize, data, o))
 }
 
-/// PIL's `convert("RGB")` on what PIL would have opened.
-fn to_rgb(img: DynamicImage) -> std::result::Result<Vec<u8>, String> {
+/// PIL's `convert("RGB")` on what PIL would have opened, as planes of `n` pixels.
+fn to_rgb(img: DynamicImage, n: usize) -> std::result::Result<Vec<u8>, String> {
     let hi = |v: u16| (v >> 8) as u8;
     Ok(match img {
-        DynamicImage::ImageRgb8(b) => b.into_raw(),
-        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-        DynamicImage::ImageLuma8(b) => b.into_raw().iter().flat_map(|&g| [g, g, g]).collect(),
-        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
-        DynamicImage::ImageRgb16(b) => b.into_raw().iter().map(|&v| hi(v)).collect(),
-        DynamicImage::ImageRgba16(b) => {
-            b.into_raw().chunks_exact(4).flat_map(|p| [hi(p[0]), hi(p[1]), hi(p[2])]).collect()
-        }
-        DynamicImage::ImageLumaA16(b) => b.into_raw().chunks_exact(2).flat_map(|p| [hi(p[0]); 3]).collect(),
+        DynamicImage::ImageRgb8(b) => planar(n, b.as_raw().chunks_exact(3).map(|p| [p[0], p[1], p[2]])),
+        DynamicImage::ImageRgba8(b) => planar(n, b.as_raw().chunks_exact(4).map(|p| [p[0], p[1], p[2]])),
+        DynamicImage::ImageLuma8(b) => b.as_raw().repeat(3),
+        DynamicImage::ImageLumaA8(b) => planar(n, b.as_raw().chunks_exact(2).map(|p| [p[0]; 3])),
+        DynamicImage::ImageRgb16(b) => planar(n, b.as_raw().chunks_exact(3).map(|p| [hi(p[0]), hi(p[1]), hi(p[2])])),
+        DynamicImage::ImageRgba16(b) => planar(n, b.as_raw().chunks_exact(4).map(|p| [hi(p[0]), hi(p[1]), hi(p[2])])),
+        DynamicImage::ImageLumaA16(b) => planar(n, b.as_raw().chunks_exact(2).map(|p| [hi(p[0]); 3])),
         DynamicImage::ImageLuma16(_) => {
             return Err("16-bit grayscale without alpha is not supported: the reference (PIL mode I;16, \
                         convert(\"RGB\")) clips every value above 255 to white; convert it to 8-bit first"

@@ -115,14 +115,12 @@ fn preprocess_rgb(img: &decode::Rgb, opts: &ImageOptions) -> Preprocessed {
         let out = &mut pixel_values.spare_capacity_mut()[..n];
         let (grid_tiles, thumb) = out.split_at_mut(blocks * PLANE * 3);
         // The grid canvas and the thumbnail are independent resizes of the original.
-        rayon::join(
-            || render_tiles(&img.data, w, h, cols, rows, &lut, grid_tiles),
-            || render_tiles(&img.data, w, h, 1, 1, &lut, thumb),
-        );
+        rayon::join(|| render_tiles(img, cols, rows, &lut, grid_tiles), || render_tiles(img, 1, 1, &lut, thumb));
     }
-    // SAFETY: `render_tiles` initializes every element of the slice it is given (each tile is split into its
-    // three planes, and every line of every plane is written in full), and the two slices above partition
-    // the first `n` elements (the thumbnail slice is empty when there is no thumbnail).
+    // SAFETY: `render_tiles` initializes every element of the slice it is given (it is cut into planes of
+    // PLANE = TILE * TILE elements, each plane into bands of whole TILE-element lines, and `normalize::line`
+    // writes every element of a line), and the two slices above partition the first `n` elements (the
+    // thumbnail slice is empty when there is no thumbnail).
     unsafe { pixel_values.set_len(n) };
     Preprocessed { grid: (cols, rows), num_tiles, pixel_values, original_size: (w, h) }
 }
@@ -134,49 +132,43 @@ const BAND: usize = 16;
 
 /// Resizes the image to `cols*TILE` x `rows*TILE` and writes its tiles, row-major, normalized and planar, into
 /// `out` (`cols * rows` tiles; nothing when `out` is empty). The vertical pass runs tile by tile, line by line,
-/// and each resized line goes straight to the three planes, so the full-size canvas is never stored.
-fn render_tiles(
-    src: &[u8],
-    w: usize,
-    h: usize,
-    cols: usize,
-    rows: usize,
-    lut: &[[f32; 256]; 3],
-    out: &mut [MaybeUninit<f32>],
-) {
+/// and each resized line goes straight to its plane, so the full-size canvas is never stored.
+fn render_tiles(img: &decode::Rgb, cols: usize, rows: usize, lut: &[[f32; 256]; 3], out: &mut [MaybeUninit<f32>]) {
     if out.is_empty() {
         return;
     }
+    let (w, h) = (img.width, img.height);
     let (cw, ch) = (cols * TILE, rows * TILE);
-    let wide;
-    let mid: &[u8] = if cw != w {
-        wide = resize::horizontal(src, w, h, cw);
-        &wide
+    let wide: Vec<Vec<u8>> = if cw != w {
+        (0..3).into_par_iter().map(|c| resize::horizontal(img.plane(c), w, h, cw)).collect()
     } else {
-        src
+        Vec::new()
+    };
+    let mid = |c: usize| -> &[u8] {
+        match wide.get(c) {
+            Some(p) => p,
+            None => img.plane(c),
+        }
     };
     let taps = (ch != h).then(|| resize::Taps::new(h, ch));
-    let stride = cw * 3;
-    out.par_chunks_mut(3 * PLANE).enumerate().for_each(|(t, tile)| {
+    out.par_chunks_mut(PLANE).enumerate().for_each(|(i, plane)| {
+        let (t, c) = (i / 3, i % 3);
         let (col, row) = (t % cols, t / cols);
-        let (r, rest) = tile.split_at_mut(PLANE);
-        let (g, b) = rest.split_at_mut(PLANE);
-        let bands = r.par_chunks_mut(BAND * TILE).zip(g.par_chunks_mut(BAND * TILE)).zip(b.par_chunks_mut(BAND * TILE));
-        bands.enumerate().for_each_init(
-            || (vec![0i32; TILE * 3], vec![0u8; TILE * 3]),
-            |(acc, line), (k, ((r, g), b))| {
-                for i in 0..BAND {
-                    let y = row * TILE + k * BAND + i;
-                    let offset = col * TILE * 3;
-                    let rgb: &[u8] = match &taps {
+        let src = mid(c);
+        plane.par_chunks_mut(BAND * TILE).enumerate().for_each_init(
+            || (vec![0i32; TILE], vec![0u8; TILE]),
+            |(acc, line), (k, band)| {
+                for (j, dst) in band.chunks_mut(TILE).enumerate() {
+                    let y = row * TILE + k * BAND + j;
+                    let offset = col * TILE;
+                    let v: &[u8] = match &taps {
                         Some(taps) => {
-                            resize::combine(mid, stride, offset, taps, y, acc, line);
+                            resize::combine(src, cw, offset, taps, y, acc, line);
                             line
                         }
-                        None => &mid[y * stride + offset..y * stride + offset + TILE * 3],
+                        None => &src[y * cw + offset..y * cw + offset + TILE],
                     };
-                    let span = i * TILE..(i + 1) * TILE;
-                    normalize::line(rgb, lut, &mut r[span.clone()], &mut g[span.clone()], &mut b[span]);
+                    normalize::line(v, &lut[c], dst);
                 }
             },
         );

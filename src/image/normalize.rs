@@ -20,19 +20,11 @@ pub(crate) fn tables() -> [[f32; 256]; 3] {
     t
 }
 
-/// One interleaved RGB line of a tile -> the same line of its three normalized planes.
+/// One resized line of a channel plane -> the same line of its normalized plane.
 #[inline]
-pub(crate) fn line(
-    rgb: &[u8],
-    lut: &[[f32; 256]; 3],
-    r: &mut [MaybeUninit<f32>],
-    g: &mut [MaybeUninit<f32>],
-    b: &mut [MaybeUninit<f32>],
-) {
-    for (((px, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
-        r.write(lut[0][px[0] as usize]);
-        g.write(lut[1][px[1] as usize]);
-        b.write(lut[2][px[2] as usize]);
+pub(crate) fn line(v: &[u8], lut: &[f32; 256], out: &mut [MaybeUninit<f32>]) {
+    for (o, &x) in out.iter_mut().zip(v) {
+        o.write(lut[x as usize]);
     }
 }
 

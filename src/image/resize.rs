@@ -1,4 +1,4 @@
-//! Antialiased bicubic resize of interleaved RGB uint8 images, reproducing what
+//! Antialiased bicubic resize of uint8 image planes, reproducing what
 //! `torchvision.transforms.v2.functional.resize(uint8 tensor, BICUBIC, antialias=True)` runs on CPU: aten's
 //! separable uint8 path (`_upsample_bicubic2d_aa`, a port of Pillow's ImagingResample). The facts it relies on:
 //!
@@ -96,18 +96,18 @@ impl Taps {
     }
 }
 
-/// The horizontal pass: `src` (`w` x `h` interleaved RGB) to `ow` x `h`, rounded to uint8 as aten does between
-/// the passes. It runs on the transposed image so that, like the vertical pass, each output line is a weighted
-/// sum of whole input lines, which vectorizes; the two transposes cost less than the gathers they replace.
+/// The horizontal pass of one plane: `src` (`w` x `h` bytes) to `ow` x `h`, rounded to uint8 as aten does between
+/// the passes. It runs on the transposed plane so that, like the vertical pass, each output line is a weighted
+/// sum of whole input lines, which vectorizes; the two byte transposes cost far less than per-pixel gathers.
 pub(crate) fn horizontal(src: &[u8], w: usize, h: usize, ow: usize) -> Vec<u8> {
     let taps = Taps::new(w, ow);
     let cols = transpose(src, w, h);
-    let line = h * 3;
-    let mut out_cols = vec![0u8; line * ow];
+    let mut out_cols = vec![0u8; h * ow];
     out_cols
-        .par_chunks_mut(line)
+        .par_chunks_mut(h)
+        .with_min_len(16)
         .enumerate()
-        .for_each_init(|| vec![0i32; line], |acc, (x, out)| combine(&cols, line, 0, &taps, x, acc, out));
+        .for_each_init(|| vec![0i32; h], |acc, (x, out)| combine(&cols, h, 0, &taps, x, acc, out));
     transpose(&out_cols, h, ow)
 }
 
@@ -181,45 +181,67 @@ fn combine_portable(
     }
 }
 
-/// Transposes an interleaved RGB image of `w` x `h` pixels into one of `h` x `w` pixels: each task owns a band
-/// of output lines and moves 8x8-pixel blocks through a small buffer, so both sides stay in cache.
+/// Transposes a `w` x `h` byte plane into an `h` x `w` one. Each task owns a band of 8 output lines and moves
+/// 8x8 blocks as eight u64 words through `transpose8`; ragged edges go byte by byte.
 fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
-    const B: usize = 8;
-    let mut out = vec![0u8; w * h * 3];
-    out.par_chunks_mut(B * h * 3).enumerate().for_each(|(bx, dst)| {
-        let x0 = bx * B;
-        let xn = dst.len() / (h * 3);
-        let mut tile = [[0u8; B * 3]; B];
-        for y0 in (0..h).step_by(B) {
-            let yn = B.min(h - y0);
-            for (r, t) in tile.iter_mut().enumerate().take(yn) {
-                let s = ((y0 + r) * w + x0) * 3;
-                t[..xn * 3].copy_from_slice(&src[s..s + xn * 3]);
-            }
-            for c in 0..xn {
-                let d = (c * h + y0) * 3;
-                for (r, px) in dst[d..d + yn * 3].chunks_exact_mut(3).enumerate() {
-                    px.copy_from_slice(&tile[r][c * 3..c * 3 + 3]);
+    let mut out = vec![0u8; w * h];
+    out.par_chunks_mut(8 * h).enumerate().for_each(|(bx, dst)| {
+        let x0 = bx * 8;
+        let xn = dst.len() / h;
+        let mut y0 = 0;
+        if xn == 8 {
+            while y0 + 8 <= h {
+                let mut m = [0u64; 8];
+                for (r, v) in m.iter_mut().enumerate() {
+                    let s = (y0 + r) * w + x0;
+                    *v = u64::from_le_bytes(src[s..s + 8].try_into().unwrap_or([0; 8]));
                 }
+                transpose8(&mut m);
+                for (c, v) in m.iter().enumerate() {
+                    let d = c * h + y0;
+                    dst[d..d + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                y0 += 8;
+            }
+        }
+        for y in y0..h {
+            for c in 0..xn {
+                dst[c * h + y] = src[y * w + x0 + c];
             }
         }
     });
     out
 }
 
-/// Whole-image resize, for tests: the pipeline itself fuses the vertical pass with normalization (`super`).
+/// Transposes an 8x8 byte matrix held as 8 little-endian rows (byte k of word i = element (i, k)), by swapping
+/// 1-byte, then 2-byte, then 4-byte blocks across the diagonal.
+#[inline(always)]
+fn transpose8(m: &mut [u64; 8]) {
+    const STAGES: [(usize, u32, u64); 3] =
+        [(1, 8, 0x00FF_00FF_00FF_00FF), (2, 16, 0x0000_FFFF_0000_FFFF), (4, 32, 0x0000_0000_FFFF_FFFF)];
+    for (step, shift, mask) in STAGES {
+        for i in 0..8 {
+            if i & step == 0 {
+                let t = ((m[i] >> shift) ^ m[i + step]) & mask;
+                m[i + step] ^= t;
+                m[i] ^= t << shift;
+            }
+        }
+    }
+}
+
+/// Whole-plane resize, for tests: the pipeline itself fuses the vertical pass with normalization (`super`).
 #[cfg(test)]
-pub(crate) fn resize_rgb(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
+pub(crate) fn resize_plane(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
     let mid = if ow != w { horizontal(src, w, h, ow) } else { src.to_vec() };
     if oh == h {
         return mid;
     }
     let taps = Taps::new(h, oh);
-    let line = ow * 3;
-    let mut out = vec![0u8; line * oh];
-    let mut acc = vec![0i32; line];
-    for (y, o) in out.chunks_mut(line).enumerate() {
-        combine(&mid, line, 0, &taps, y, &mut acc, o);
+    let mut out = vec![0u8; ow * oh];
+    let mut acc = vec![0i32; ow];
+    for (y, o) in out.chunks_mut(ow).enumerate() {
+        combine(&mid, ow, 0, &taps, y, &mut acc, o);
     }
     out
 }
@@ -244,17 +266,30 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let (w, h) = (37, 23);
-        let src = vec![77u8; w * h * 3];
+        let src = vec![77u8; w * h];
         for (ow, oh) in [(448, 448), (11, 5), (37, 100), (200, 23)] {
-            let out = resize_rgb(&src, w, h, ow, oh);
-            assert_eq!(out.len(), ow * oh * 3);
+            let out = resize_plane(&src, w, h, ow, oh);
+            assert_eq!(out.len(), ow * oh);
             assert!(out.iter().all(|&v| v == 77), "{ow}x{oh}");
         }
     }
 
     #[test]
     fn same_size_is_identity() {
-        let src: Vec<u8> = (0..5 * 4 * 3).map(|v| v as u8).collect();
-        assert_eq!(resize_rgb(&src, 5, 4, 5, 4), src);
+        let src: Vec<u8> = (0..5 * 4).map(|v| v as u8).collect();
+        assert_eq!(resize_plane(&src, 5, 4, 5, 4), src);
+    }
+
+    #[test]
+    fn transpose_matches_definition() {
+        for (w, h) in [(1, 1), (8, 8), (16, 24), (13, 9), (3, 17), (64, 5)] {
+            let src: Vec<u8> = (0..w * h).map(|v| (v * 7 % 251) as u8).collect();
+            let t = transpose(&src, w, h);
+            for y in 0..h {
+                for x in 0..w {
+                    assert_eq!(t[x * h + y], src[y * w + x], "{w}x{h} at ({x}, {y})");
+                }
+            }
+        }
     }
 }

@@ -15,6 +15,9 @@ use crate::{Error, Result};
 use llm::TextParams;
 use vision::VisionParams;
 
+/// `<IMG_CONTEXT>` tokens per 448 px tile (32x32 patches, pixel shuffle 0.5).
+pub const IMAGE_TOKENS_PER_TILE: usize = 256;
+
 /// Where a model gets its weights from: a checkpoint, or a generated random model.
 pub trait Weights {
     /// The tensor called `name` (runtime naming), with its stored dtype.

@@ -157,8 +157,9 @@ fn clamp8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
 }
 
-/// Upsamples every plane to `width` x `height` and converts to interleaved RGB (gray is replicated, which is what
-/// PIL's convert("RGB") does with the "L" image libjpeg returns for one-component files).
+/// Upsamples every component to `width` x `height` and converts to planar RGB (R plane, G plane, B plane). Gray
+/// is replicated into the three planes, which is what PIL's convert("RGB") does with the "L" image libjpeg
+/// returns for one-component files.
 pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: usize) -> Result<Vec<u8>, JpegError> {
     let methods: Vec<Method> = planes.iter().map(Plane::method).collect();
     let expected = if space == ColorSpace::Gray { 1 } else { 3 };
@@ -166,11 +167,15 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
         return Err(JpegError::Unsupported(format!("{} components", planes.len())));
     }
     let tables = ycc_tables();
-    let mut rgb = vec![0u8; width * height * 3];
+    let n = width * height;
+    let mut rgb = vec![0u8; 3 * n];
+    let (r_plane, rest) = rgb.split_at_mut(n);
+    let (g_plane, b_plane) = rest.split_at_mut(n);
     let line = width + 1;
-    rgb.par_chunks_mut(width * 3).enumerate().for_each_init(
+    let rows = r_plane.par_chunks_mut(width).zip(g_plane.par_chunks_mut(width)).zip(b_plane.par_chunks_mut(width));
+    rows.enumerate().for_each_init(
         || (vec![0u8; line * 3], Vec::new()),
-        |(scratch, sums), (y, out)| {
+        |(scratch, sums), (y, ((r_out, g_out), b_out))| {
             let (s0, rest) = scratch.split_at_mut(line);
             let (s1, s2) = rest.split_at_mut(line);
             let bufs: [&mut [u8]; 3] = [s0, s1, s2];
@@ -185,21 +190,22 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
             }
             match space {
                 ColorSpace::Gray => {
-                    for (o, &g) in out.chunks_exact_mut(3).zip(rows[0]) {
-                        o.fill(g);
-                    }
+                    r_out.copy_from_slice(rows[0]);
+                    g_out.copy_from_slice(rows[0]);
+                    b_out.copy_from_slice(rows[0]);
                 }
                 ColorSpace::Rgb => {
-                    for (((o, &r), &g), &b) in out.chunks_exact_mut(3).zip(rows[0]).zip(rows[1]).zip(rows[2]) {
-                        o.copy_from_slice(&[r, g, b]);
-                    }
+                    r_out.copy_from_slice(rows[0]);
+                    g_out.copy_from_slice(rows[1]);
+                    b_out.copy_from_slice(rows[2]);
                 }
                 ColorSpace::YCbCr => {
-                    for (((o, &yy), &cb), &cr) in out.chunks_exact_mut(3).zip(rows[0]).zip(rows[1]).zip(rows[2]) {
+                    let outs = r_out.iter_mut().zip(g_out.iter_mut()).zip(b_out.iter_mut());
+                    for (((r, g), b), ((&yy, &cb), &cr)) in outs.zip(rows[0].iter().zip(rows[1]).zip(rows[2])) {
                         let (yy, cb, cr) = (yy as i32, cb as usize, cr as usize);
-                        o[0] = clamp8(yy + tables.cr_r[cr]);
-                        o[1] = clamp8(yy + ((tables.cb_g[cb] + tables.cr_g[cr]) >> SCALEBITS));
-                        o[2] = clamp8(yy + tables.cb_b[cb]);
+                        *r = clamp8(yy + tables.cr_r[cr]);
+                        *g = clamp8(yy + ((tables.cb_g[cb] + tables.cr_g[cr]) >> SCALEBITS));
+                        *b = clamp8(yy + tables.cb_b[cb]);
                     }
                 }
             }

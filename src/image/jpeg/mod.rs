@@ -45,7 +45,7 @@ pub(crate) struct Header {
 pub(crate) struct Decoded {
     pub width: usize,
     pub height: usize,
-    /// Interleaved RGB, `width * height * 3`.
+    /// Planar RGB: the R, G and B planes of `width * height` bytes, one after the other.
     pub rgb: Vec<u8>,
     /// Payloads of the APP1 "Exif" segments before the first scan, concatenated the way PIL does.
     pub exif: Option<Vec<u8>>,
