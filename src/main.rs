@@ -3,11 +3,16 @@
 
 mod cli;
 
+use std::io::IsTerminal as _;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "facellm", version, about = "Run and fine-tune FaceLLM, the face-understanding multimodal LLM")]
 struct Cli {
+    /// No progress bars or notices on stderr (results and errors are still printed).
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +37,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    cli::common::QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command {
         Command::Bench(args) => cli::bench::run(args),
         Command::Chat(args) => cli::chat::run(args),
@@ -42,7 +48,12 @@ fn main() {
         Command::Preprocess(args) => cli::preprocess::run(args),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        // Colour only for a person at a terminal; logs and pipes get plain text.
+        if std::io::stderr().is_terminal() {
+            eprintln!("\x1b[1;31merror:\x1b[0m {err:#}");
+        } else {
+            eprintln!("error: {err:#}");
+        }
         std::process::exit(1);
     }
 }

@@ -130,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         features: initial_features(from, args.images.len()),
         pending: args.images.len(),
     };
-    if !json_mode {
+    if !json_mode && !super::common::QUIET.load(Ordering::Relaxed) {
         eprintln!("facellm chat: type a question; /image FILE, /system TEXT, /reset, /stats, /quit");
     }
 

@@ -1,7 +1,9 @@
 //! What several subcommands share: loading a model folder with its tokenizer and generation defaults,
 //! preprocessing the images of a request, and the sampling flags.
 
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -11,6 +13,7 @@ use facellm::image::{preprocess_file, ImageOptions};
 use facellm::model::facellm::FaceLlm;
 use facellm::tensor::Tensor;
 use facellm::tokenizer::Tokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Loaded {
     pub model: FaceLlm,
@@ -25,10 +28,30 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Loaded> {
     if !dir.is_dir() {
         anyhow::bail!("model folder {} not found (expected a Hugging Face model folder)", dir.display());
     }
-    let (config, model) = facellm::model::load_dir(dir)?;
+    let (config, ckpt) = facellm::loader::open_model(dir)?;
+    let bar = progress_bar(ckpt.file_bytes(), "loading weights");
+    ckpt.prefetch(&mut |done, _| bar.set_position(done));
+    bar.finish_and_clear();
+    let model = facellm::model::build(&config, &ckpt)?;
     let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("tokenizer of {}", dir.display()))?;
     let generation = GenerationConfig::load(dir, &config)?;
     Ok(Loaded { model, tokenizer, generation, load_ms: t0.elapsed().as_secs_f64() * 1e3 })
+}
+
+/// Set by `--quiet`: no progress bars or notices on stderr.
+pub static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// A byte progress bar on stderr; hidden with `--quiet` and when stderr is not a terminal.
+pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    if QUIET.load(Ordering::Relaxed) || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 /// The tiles of every image, concatenated in order, and the tile count of each.

@@ -214,20 +214,32 @@ fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
 }
 
 /// Transposes an 8x8 byte matrix held as 8 little-endian rows (byte k of word i = element (i, k)), by swapping
-/// 1-byte, then 2-byte, then 4-byte blocks across the diagonal.
+/// 1-byte, then 2-byte, then 4-byte blocks across the diagonal. Written out so every shift is a constant.
 #[inline(always)]
 fn transpose8(m: &mut [u64; 8]) {
-    const STAGES: [(usize, u32, u64); 3] =
-        [(1, 8, 0x00FF_00FF_00FF_00FF), (2, 16, 0x0000_FFFF_0000_FFFF), (4, 32, 0x0000_0000_FFFF_FFFF)];
-    for (step, shift, mask) in STAGES {
-        for i in 0..8 {
-            if i & step == 0 {
-                let t = ((m[i] >> shift) ^ m[i + step]) & mask;
-                m[i + step] ^= t;
-                m[i] ^= t << shift;
-            }
-        }
+    #[inline(always)]
+    fn swap(a: &mut u64, b: &mut u64, shift: u32, mask: u64) {
+        let t = ((*a >> shift) ^ *b) & mask;
+        *b ^= t;
+        *a ^= t << shift;
     }
+    const M1: u64 = 0x00FF_00FF_00FF_00FF;
+    const M2: u64 = 0x0000_FFFF_0000_FFFF;
+    const M4: u64 = 0x0000_0000_FFFF_FFFF;
+    let [mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7] = *m;
+    swap(&mut a0, &mut a1, 8, M1);
+    swap(&mut a2, &mut a3, 8, M1);
+    swap(&mut a4, &mut a5, 8, M1);
+    swap(&mut a6, &mut a7, 8, M1);
+    swap(&mut a0, &mut a2, 16, M2);
+    swap(&mut a1, &mut a3, 16, M2);
+    swap(&mut a4, &mut a6, 16, M2);
+    swap(&mut a5, &mut a7, 16, M2);
+    swap(&mut a0, &mut a4, 32, M4);
+    swap(&mut a1, &mut a5, 32, M4);
+    swap(&mut a2, &mut a6, 32, M4);
+    swap(&mut a3, &mut a7, 32, M4);
+    *m = [a0, a1, a2, a3, a4, a5, a6, a7];
 }
 
 /// Whole-plane resize, for tests: the pipeline itself fuses the vertical pass with normalization (`super`).

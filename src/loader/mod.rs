@@ -239,6 +239,28 @@ impl Checkpoint {
         missing.into_iter().chain(misshaped).chain(unexpected).collect()
     }
 
+    /// Total bytes of the shard files.
+    pub fn file_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
+    }
+
+    /// Reads every page of the shards once, so the weights are resident before the first forward pass;
+    /// `progress(done, total)` is called after every chunk (a progress bar for big checkpoints).
+    pub fn prefetch(&self, progress: &mut dyn FnMut(u64, u64)) {
+        const PAGE: usize = 4096;
+        const CHUNK: usize = 64 << 20;
+        let total = self.file_bytes();
+        let mut done = 0u64;
+        for shard in &self.shards {
+            for chunk in shard.mmap.chunks(CHUNK) {
+                let touched = chunk.iter().step_by(PAGE).fold(0u8, |acc, &b| acc ^ b);
+                std::hint::black_box(touched);
+                done += chunk.len() as u64;
+                progress(done, total);
+            }
+        }
+    }
+
     /// Parameters and bytes per component, as stored.
     pub fn summary(&self) -> Summary {
         Summary::from_tensors(self.tensors.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice(), e.dtype.size_bytes())))
