@@ -43,7 +43,12 @@ pub enum Storage {
     BF16(Arc<Vec<bf16>>),
     F16(Arc<Vec<f16>>),
     /// `len` elements of `dtype` at `offset` in a shared byte source, aligned for `dtype`.
-    Mapped { source: Arc<dyn ByteSource>, offset: usize, len: usize, dtype: DType },
+    Mapped {
+        source: Arc<dyn ByteSource>,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+    },
 }
 
 #[derive(Clone)]
@@ -62,28 +67,21 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+fn checked_shape(shape: Vec<usize>, len: usize) -> Result<Vec<usize>> {
+    if numel(&shape) != len {
+        return Err(Error::Invalid(format!("tensor of shape {shape:?} needs {} values, got {len}", numel(&shape))));
+    }
+    Ok(shape)
+}
+
 impl Tensor {
     pub fn from_f32(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Tensor> {
-        let shape = shape.into();
-        if numel(&shape) != data.len() {
-            return Err(Error::Invalid(format!(
-                "tensor of shape {shape:?} needs {} values, got {}",
-                numel(&shape),
-                data.len()
-            )));
-        }
+        let shape = checked_shape(shape.into(), data.len())?;
         Ok(Tensor { shape, storage: Storage::F32(Arc::new(data)) })
     }
 
     pub fn from_bf16(shape: impl Into<Vec<usize>>, data: Vec<bf16>) -> Result<Tensor> {
-        let shape = shape.into();
-        if numel(&shape) != data.len() {
-            return Err(Error::Invalid(format!(
-                "tensor of shape {shape:?} needs {} values, got {}",
-                numel(&shape),
-                data.len()
-            )));
-        }
+        let shape = checked_shape(shape.into(), data.len())?;
         Ok(Tensor { shape, storage: Storage::BF16(Arc::new(data)) })
     }
 
@@ -118,12 +116,12 @@ impl Tensor {
             DType::F32 => Storage::F32(Arc::new(
                 slice.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
             )),
-            DType::BF16 => Storage::BF16(Arc::new(
-                slice.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect(),
-            )),
-            DType::F16 => Storage::F16(Arc::new(
-                slice.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
-            )),
+            DType::BF16 => {
+                Storage::BF16(Arc::new(slice.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()))
+            }
+            DType::F16 => {
+                Storage::F16(Arc::new(slice.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()))
+            }
         };
         Ok(Tensor { shape, storage })
     }
@@ -172,9 +170,7 @@ impl Tensor {
     pub fn f32s(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::F32(v) => Ok(v),
-            Storage::Mapped { dtype: DType::F32, .. } => {
-                Ok(bytemuck::cast_slice(self.mapped_bytes().expect("mapped")))
-            }
+            Storage::Mapped { dtype: DType::F32, .. } => Ok(bytemuck::cast_slice(self.mapped_bytes().expect("mapped"))),
             _ => Err(Error::Invalid(format!("expected an f32 tensor, got {:?}", self.dtype()))),
         }
     }

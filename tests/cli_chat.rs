@@ -27,7 +27,9 @@ fn chat_turn_equals_generate_and_reuses_the_prefix() {
     let out = Command::cargo_bin("facellm")
         .unwrap()
         .args(["chat", "--model", model, "--image", &face(), "--max-new-tokens", "10", "--output", "json"])
-        .write_stdin("How old is she?\n/stats\nAnd her expression?\n/nonsense\n/reset\nHow old is she?\n/quit\nnever read\n")
+        .write_stdin(
+            "How old is she?\n/stats\nAnd her expression?\n/nonsense\n/reset\nHow old is she?\n/quit\nnever read\n",
+        )
         .assert()
         .success()
         .stderr(predicate::str::contains("unknown command /nonsense"))

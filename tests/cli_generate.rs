@@ -35,7 +35,17 @@ fn generate_text_and_json_agree() {
     let dir = tempfile::tempdir().unwrap();
     demo_model(dir.path());
     let model = dir.path().to_str().unwrap();
-    let args = ["generate", "--model", model, "--image", &face(), "--prompt", "How old is this person?", "--max-new-tokens", "12"];
+    let args = [
+        "generate",
+        "--model",
+        model,
+        "--image",
+        &face(),
+        "--prompt",
+        "How old is this person?",
+        "--max-new-tokens",
+        "12",
+    ];
     let text = facellm().args(args).assert().success().get_output().stdout.clone();
     let text = String::from_utf8(text).unwrap();
     let json = facellm().args(args).args(["--output", "json"]).assert().success().get_output().stdout.clone();
@@ -108,7 +118,10 @@ fn bad_inputs_give_one_line_and_exit_1() {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["text_config"]["max_position_embeddings"] = serde_json::json!(128);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    fails_with(&["generate", "--model", short.path().to_str().unwrap(), "--image", &face(), "--prompt", "x"], "context");
+    fails_with(
+        &["generate", "--model", short.path().to_str().unwrap(), "--image", &face(), "--prompt", "x"],
+        "context",
+    );
 }
 
 #[test]

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use facellm::engine::{generate, GenerateOptions};
 use facellm::backend::cpu::sampling::SamplingParams;
+use facellm::engine::{generate, GenerateOptions};
 use facellm::model::llm::Trace;
 use facellm::model::random::values_bf16;
 use facellm::tensor::Tensor;
@@ -37,12 +37,8 @@ fn rebuild_checkpoint(case: &str, reference: &Value, out: &Path) {
     let dir = fixture_dir(case);
     let header = std::fs::read(dir.join("model.safetensors.header.json")).unwrap();
     let header_json: Value = serde_json::from_slice(&header).unwrap();
-    let by_disk_name: HashMap<&str, &Value> = reference["recipe_table"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["disk_name"].as_str().unwrap(), r))
-        .collect();
+    let by_disk_name: HashMap<&str, &Value> =
+        reference["recipe_table"].as_array().unwrap().iter().map(|r| (r["disk_name"].as_str().unwrap(), r)).collect();
     let mut entries: Vec<(usize, &str)> = header_json
         .as_object()
         .unwrap()
@@ -61,7 +57,11 @@ fn rebuild_checkpoint(case: &str, reference: &Value, out: &Path) {
         file.extend_from_slice(bytemuck::cast_slice(&vals));
     }
     let sha = format!("{:x}", Sha256::digest(&file));
-    assert_eq!(sha, reference["checkpoint"]["model_safetensors_sha256"].as_str().unwrap(), "{case}: rebuilt checkpoint differs from HF's");
+    assert_eq!(
+        sha,
+        reference["checkpoint"]["model_safetensors_sha256"].as_str().unwrap(),
+        "{case}: rebuilt checkpoint differs from HF's"
+    );
     std::fs::write(out.join("model.safetensors"), file).unwrap();
     for f in ["config.json", "generation_config.json"] {
         std::fs::copy(dir.join(f), out.join(f)).unwrap();
@@ -79,11 +79,9 @@ fn load_refs(case: &str) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
                 safetensors::Dtype::F32 => {
                     view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
                 }
-                safetensors::Dtype::I32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-                    .collect(),
+                safetensors::Dtype::I32 => {
+                    view.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect()
+                }
                 d => panic!("unexpected dtype {d:?}"),
             };
             (name, (view.shape().to_vec(), vals))
@@ -123,7 +121,8 @@ fn rows(data: &[f32], width: usize, positions: &[usize]) -> Vec<f32> {
 }
 
 fn run_case(case: &str) {
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir(case).join("ref.json")).unwrap()).unwrap();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir(case).join("ref.json")).unwrap()).unwrap();
     let refs = load_refs(case);
     let tmp = tempfile::tempdir().unwrap();
     rebuild_checkpoint(case, &reference, tmp.path());
@@ -144,9 +143,17 @@ fn run_case(case: &str) {
         both.extend_from_slice(&tiles["B"]);
         let px = Tensor::from_f32([2, 3, 448, 448], both).unwrap();
         let f = model.encode_images(&px).unwrap();
-        check(&format!("{case} vision.last_hidden_state"), f.vision_out.f32s().unwrap(), &refs["vision.last_hidden_state"].1);
+        check(
+            &format!("{case} vision.last_hidden_state"),
+            f.vision_out.f32s().unwrap(),
+            &refs["vision.last_hidden_state"].1,
+        );
         let (_, shuffled_ref) = &refs["vision.pixel_shuffle_tileA"];
-        check(&format!("{case} vision.pixel_shuffle_tileA"), &f.shuffled.f32s().unwrap()[..shuffled_ref.len()], shuffled_ref);
+        check(
+            &format!("{case} vision.pixel_shuffle_tileA"),
+            &f.shuffled.f32s().unwrap()[..shuffled_ref.len()],
+            shuffled_ref,
+        );
         check(&format!("{case} vision.projector"), f.features.f32s().unwrap(), &refs["vision.projector"].1);
     }
 
@@ -174,7 +181,11 @@ fn run_case(case: &str) {
         let h = model.llm().forward(e, &mut cache, Some(&mut trace)).unwrap();
         let layers = c["num_layers"].as_u64().unwrap() as usize;
         assert_eq!(trace.hidden.len(), layers + 1);
-        check(&format!("{case} {key}.embeds"), &rows(trace.hidden[0].f32s().unwrap(), d, &positions), &refs[&format!("{key}.embeds")].1);
+        check(
+            &format!("{case} {key}.embeds"),
+            &rows(trace.hidden[0].f32s().unwrap(), d, &positions),
+            &refs[&format!("{key}.embeds")].1,
+        );
         for l in 0..layers {
             check(
                 &format!("{case} {key}.layer{l}"),
@@ -195,11 +206,16 @@ fn run_case(case: &str) {
         let last = &logits[(seq - 1) * vocab..seq * vocab];
         let strided: Vec<f32> = last.iter().step_by(8).copied().collect();
         check(&format!("{case} {key}.logits_last_strided"), &strided, &refs[&format!("{key}.logits_last_strided")].1);
-        let ref_argmax: Vec<u32> = c["prompt_argmax"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ref_argmax: Vec<u32> =
+            c["prompt_argmax"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         for p in 0..seq {
             let ours = facellm::backend::argmax(&logits[p * vocab..(p + 1) * vocab]).unwrap() as u32;
             let margin = (top_vals[p * k] - top_vals[p * k + 1]) as f64;
-            assert!(ours == ref_argmax[p] || margin < MARGIN_TIE, "{case} {key}: argmax at {p}: {ours} vs {}", ref_argmax[p]);
+            assert!(
+                ours == ref_argmax[p] || margin < MARGIN_TIE,
+                "{case} {key}: argmax at {p}: {ours} vs {}",
+                ref_argmax[p]
+            );
         }
 
         // Greedy generation through the engine (prefill + cached decode).
@@ -220,8 +236,10 @@ fn run_case(case: &str) {
             None
         };
         let out = generate(&model, &ids, px.as_ref(), &opts, &|_| Ok(String::new()), &mut |_| {}).unwrap();
-        let want: Vec<u32> = c["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let margins: Vec<f64> = c["gen_top1_top2_margin"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let want: Vec<u32> =
+            c["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let margins: Vec<f64> =
+            c["gen_top1_top2_margin"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         println!("{case} {key} greedy ours {:?}\n{case} {key} greedy ref  {want:?}", out.ids);
         match out.ids.iter().zip(&want).position(|(a, b)| a != b) {
             None => assert_eq!(out.ids.len(), want.len(), "{case} {key}: generated length"),

@@ -46,7 +46,8 @@ fn real_qwen25_greedy_matches_hf() {
         let prompt = case["prompt"].as_str().unwrap();
         let messages = vec![Message::text("user", prompt)];
         let p = tok.encode_chat(&messages, &[], &ChatOptions::default()).unwrap();
-        let want_ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want_ids: Vec<u32> =
+            case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(p.ids, want_ids, "prompt ids for {prompt:?}");
         let opts = GenerateOptions {
             max_new_tokens: 48,
@@ -59,7 +60,8 @@ fn real_qwen25_greedy_matches_hf() {
         let want: Vec<u32> =
             case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let want: Vec<u32> = want.into_iter().filter(|id| !eos.contains(id)).collect();
-        let margins: Vec<f64> = case["top1_top2_margin"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let margins: Vec<f64> =
+            case["top1_top2_margin"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         println!(
             "prompt {prompt:?}\n  ours: {:?}\n  prefill {:.0} ms, decode {:.2} tok/s",
             out.text,

@@ -52,7 +52,11 @@ fn stats(ms: &mut [f64]) -> Value {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
@@ -86,7 +90,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let params = VisionParams::from_config(vc)?;
         let tower = VisionTower::load(&RandomWeights::for_config(&config, "bench"), &params)?;
         let n = args.tiles;
-        let px: Vec<f32> = facellm::model::random::values_bf16(7, n * 3 * 448 * 448, 2.0, 0.0).iter().map(|v| v.to_f32()).collect();
+        let px: Vec<f32> =
+            facellm::model::random::values_bf16(7, n * 3 * 448 * 448, 2.0, 0.0).iter().map(|v| v.to_f32()).collect();
         let px = Tensor::from_f32([n, 3, 448, 448], px)?;
         tower.forward(&px)?; // warm-up
         let mut ms = Vec::new();
@@ -95,7 +100,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tower.forward(&px)?;
             ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        let (h, i, t, l) = (params.hidden as f64, params.intermediate as f64, params.tokens() as f64, params.layers as f64);
+        let (h, i, t, l) =
+            (params.hidden as f64, params.intermediate as f64, params.tokens() as f64, params.layers as f64);
         let flops = n as f64 * (l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * t * h) + 2.0 * t * h * 588.0);
         let best = ms.iter().cloned().fold(f64::INFINITY, f64::min);
         report["vision"] = json!({

@@ -118,3 +118,16 @@ impl SamplingArgs {
         Ok(p)
     }
 }
+
+/// Writes streamed answer text to stdout as it arrives (flushed, so a terminal shows every token), or
+/// nothing when the command prints JSON at the end instead.
+pub fn stdout_streamer(enabled: bool) -> impl FnMut(&str) {
+    let mut stdout = std::io::stdout();
+    move |s: &str| {
+        if enabled && !s.is_empty() {
+            use std::io::Write as _;
+            let _ = stdout.write_all(s.as_bytes());
+            let _ = stdout.flush();
+        }
+    }
+}

@@ -11,7 +11,7 @@ use facellm::image::ImageOptions;
 use facellm::tokenizer::{ChatOptions, Message, Part};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, SamplingArgs};
+use super::common::{load_model, preprocess_images, stdout_streamer, SamplingArgs};
 use super::generate::Output;
 
 const FACE: &[u8] = include_bytes!("../../assets/demo/pd_astronaut_eileen_collins.jpg");
@@ -66,13 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let tok = &loaded.tokenizer;
     let decode = |ids: &[u32]| tok.decode(ids, true);
-    let mut stdout = std::io::stdout();
-    let mut on_text = |s: &str| {
-        if text_mode && !s.is_empty() {
-            let _ = stdout.write_all(s.as_bytes());
-            let _ = stdout.flush();
-        }
-    };
+    let mut on_text = stdout_streamer(text_mode);
     let out = generate(&loaded.model, &prompt.ids, pixels.as_ref(), &opts, &decode, &mut on_text)?;
     let t = &out.timings;
     if text_mode {
@@ -87,8 +81,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.ids.len()
         );
         println!("note: the weights are random, so the answer is noise; the pipeline around it is the real one.");
-        println!("      For real answers run a FaceLLM checkpoint (a local Hugging Face folder, e.g. Idiap/FaceLLM-1B):");
-        println!("      facellm generate --model /path/to/FaceLLM-1B --image face.jpg --prompt \"Describe the expression.\"");
+        println!(
+            "      For real answers run a FaceLLM checkpoint (a local Hugging Face folder, e.g. Idiap/FaceLLM-1B):"
+        );
+        println!(
+            "      facellm generate --model /path/to/FaceLLM-1B --image face.jpg --prompt \"Describe the expression.\""
+        );
         return Ok(());
     }
     let report = json!({

@@ -3,7 +3,6 @@
 //!
 //!   facellm generate --model DIR --image face.jpg --prompt "Describe the expression." [--output json]
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use clap::ValueEnum;
@@ -12,7 +11,7 @@ use facellm::image::ImageOptions;
 use facellm::tokenizer::{ChatOptions, Message, Part};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, SamplingArgs};
+use super::common::{load_model, preprocess_images, stdout_streamer, SamplingArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -71,13 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tok = &loaded.tokenizer;
     let decode = |ids: &[u32]| tok.decode(ids, true);
     let streaming = args.output == Output::Text;
-    let mut stdout = std::io::stdout();
-    let mut on_text = |s: &str| {
-        if streaming && !s.is_empty() {
-            let _ = stdout.write_all(s.as_bytes());
-            let _ = stdout.flush();
-        }
-    };
+    let mut on_text = stdout_streamer(streaming);
     let out = generate(&loaded.model, &prompt.ids, pixels.as_ref(), &opts, &decode, &mut on_text)?;
     if streaming {
         println!();

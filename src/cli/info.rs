@@ -111,10 +111,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("  {:<22} {:>14} params {:>12}", format!("{:?}", c.component), c.params, gib(c.bytes as f64));
     }
     println!("context      {context} tokens");
-    println!("memory cpu   {} weights (mmap) + {:.0} KiB KV per token ({} at full context)", gib(weights), kv_cpu / 1024.0, gib(weights + kv_cpu * context as f64));
-    println!("memory cuda  {} weights + {:.0} KiB KV per token ({} at full context)", gib(weights), kv_gpu / 1024.0, gib(weights + kv_gpu * context as f64));
+    println!(
+        "memory cpu   {} weights (mmap) + {:.0} KiB KV per token ({} at full context)",
+        gib(weights),
+        kv_cpu / 1024.0,
+        gib(weights + kv_cpu * context as f64)
+    );
+    println!(
+        "memory cuda  {} weights + {:.0} KiB KV per token ({} at full context)",
+        gib(weights),
+        kv_gpu / 1024.0,
+        gib(weights + kv_gpu * context as f64)
+    );
     if let Some(sp) = report["tokenizer"]["special_tokens"].as_object() {
-        let list: Vec<String> = sp.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| format!("{k}={}({})", v["token"].as_str().unwrap_or(""), v["id"])).collect();
+        let list: Vec<String> = sp
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| format!("{k}={}({})", v["token"].as_str().unwrap_or(""), v["id"]))
+            .collect();
         println!("tokens       {}", list.join(" "));
     }
     Ok(())

@@ -12,7 +12,6 @@ pub mod summary;
 pub mod tensor;
 mod weights;
 
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 

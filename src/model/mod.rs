@@ -28,10 +28,7 @@ pub trait Weights {
 pub(crate) fn get_shaped(w: &dyn Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
     let t = w.weight(name)?;
     if t.shape() != shape {
-        return Err(Error::Invalid(format!(
-            "tensor `{name}`: expected shape {shape:?}, found {:?}",
-            t.shape()
-        )));
+        return Err(Error::Invalid(format!("tensor `{name}`: expected shape {shape:?}, found {:?}", t.shape())));
     }
     Ok(t)
 }
@@ -48,7 +45,10 @@ impl VisionParams {
         let [h, w] = c.image_size;
         let [ph, pw] = c.patch_size;
         if h != w || ph != pw {
-            return Err(unsupported("vision_config.image_size", format!("square images and patches only, got {h}x{w} / {ph}x{pw}")));
+            return Err(unsupported(
+                "vision_config.image_size",
+                format!("square images and patches only, got {h}x{w} / {ph}x{pw}"),
+            ));
         }
         Ok(VisionParams {
             hidden: c.hidden_size,
