@@ -109,7 +109,7 @@ impl Tensor {
                 bytes.len()
             )));
         };
-        if (slice.as_ptr() as usize) % dtype.size() == 0 {
+        if (slice.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Ok(Tensor { shape, storage: Storage::Mapped { source, offset, len, dtype } });
         }
         let storage = match dtype {

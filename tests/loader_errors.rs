@@ -282,7 +282,7 @@ fn unaligned_tensors_convert() {
         r#""b":{"dtype":"BF16","shape":[2],"data_offsets":[12,16]},"#,
         r#""c":{"dtype":"F16","shape":[2],"data_offsets":[16,20]}}"#
     );
-    let header = if header.len() % 2 == 0 { format!("{header} ") } else { header.to_string() };
+    let header = if header.len().is_multiple_of(2) { format!("{header} ") } else { header.to_string() };
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(header.as_bytes());
     for v in [1.5f32, -2.25, 3.0e-3] {

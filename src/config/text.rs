@@ -124,16 +124,16 @@ impl TextConfig {
                 return Err(o.err(key, "must be > 0"));
             }
         }
-        if !head_dim_stored && self.hidden_size % self.num_attention_heads != 0 {
+        if !head_dim_stored && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(o.err(
                 "num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(o.err("head_dim", format!("{} must be even and > 0 for rotary embeddings", self.head_dim)));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(o.err(
                 "num_key_value_heads",
                 format!(

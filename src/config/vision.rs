@@ -103,7 +103,7 @@ impl VisionConfig {
                 return Err(o.err(key, "must be > 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(o.err(
                 "num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),

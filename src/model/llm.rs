@@ -191,7 +191,7 @@ impl Qwen2 {
             backend::add_scaled(&mut x, &m, None)?;
         }
         cache.len = total;
-        if let Some(tr) = trace.as_deref_mut() {
+        if let Some(tr) = trace {
             tr.hidden.push(x.clone());
         }
         self.norm.forward(&x)
