@@ -34,6 +34,10 @@ the folder under 8 MB; the Rust test undoes it.
 
 It also records the reference time of load + preprocess of gen_1024.jpg (median of 15 runs after 3 warm-ups,
 torch threads = 2) for the criterion bench comparison.
+
+A second mode writes a larger, uncommitted set of random small inputs for tests/image_stress.rs (see `stress`):
+
+    tools/.venv/bin/python tools/fixtures_images.py --stress /tmp/stress 1500
 """
 
 import gzip
@@ -296,7 +300,8 @@ def time_reference(proc, path, runs=15, warmup=3):
 
 def stress(out_dir, count):
     """Many small random inputs (not committed): JPEG with every sampling/progressive/restart/quality mix, odd
-    sizes from 1 pixel up, all 8 EXIF orientations, and PNG/BMP/GIF/WebP modes the fixtures do not cover.
+    sizes from 1 pixel up, all 8 EXIF orientations, and PNG/BMP/GIF/WebP modes the fixtures do not cover, after
+    a few fixed corner cases (animations, PNG/WebP/XMP orientation, 16-bit with alpha, CMYK).
     Records HF's output with tiling off (one squashed tile: exercises every size of the resize) as levels in
     the same format as the fixtures, plus the tiled grid. Checked by `tests/image_stress.rs` (ignored test):
 
@@ -310,6 +315,53 @@ def stress(out_dir, count):
     proc = build_processor()
     rnd = random.Random(1234)
     records = []
+
+    def record(name, desc, tiled=False):
+        try:
+            img = load_image(str(out_dir / name))
+        except Exception as e:  # noqa: BLE001 - record what PIL refuses
+            records.append({"name": name, "description": desc, "error": str(e)})
+            return
+        rec = {"name": name, "description": desc, "width": img.width, "height": img.height}
+        for key, crop in [("levels", False)] + ([("tiled_levels", True)] if tiled else []):
+            out = proc(images=[img], crop_to_patches=crop, return_tensors="pt")
+            levels, _ = to_levels(out["pixel_values"].numpy())
+            lv_name = f"levels/{name}.{key}.u8med.gz"
+            (out_dir / lv_name).write_bytes(gzip.compress(med_filter(levels).tobytes(), compresslevel=6, mtime=0))
+            rec[key] = lv_name
+        rec["grid"] = list(get_optimal_tiled_canvas((img.height, img.width), (TILE, TILE), 1, 12))
+        records.append(rec)
+
+    # Fixed corner cases first: animation, metadata orientation outside JPEG EXIF, 16-bit with alpha, CMYK (the
+    # `image` crate fallback: expected within 2 levels, not exact).
+    frames = [Image.fromarray(pattern(120, 110, 50 + k)) for k in range(3)]
+    frames[0].save(out_dir / "x_anim.webp", save_all=True, append_images=frames[1:], duration=50, quality=80)
+    record("x_anim.webp", "animated lossy WebP, first frame")
+    g = [Image.fromarray(pattern(100, 90, 60 + k)).quantize(colors=32) for k in range(2)]
+    g[0].save(out_dir / "x_anim.gif", save_all=True, append_images=g[1:], duration=50, transparency=5, disposal=2)
+    record("x_anim.gif", "animated GIF with transparency and disposal 2, first frame")
+    Image.fromarray(pattern(130, 120, 70)).convert("CMYK").save(out_dir / "x_cmyk.jpg", quality=90)
+    record("x_cmyk.jpg", "CMYK JPEG (Adobe), image crate fallback")
+    Image.fromarray(pattern(140, 120, 80)).save(out_dir / "x_exif6.png", exif=exif_bytes(6))
+    record("x_exif6.png", "PNG with eXIf orientation 6")
+    Image.fromarray(pattern(140, 120, 81)).save(out_dir / "x_exif8.webp", exif=exif_bytes(8), quality=90)
+    record("x_exif8.webp", "WebP with EXIF orientation 8")
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="3"/></rdf:RDF></x:xmpmeta>')
+    Image.fromarray(pattern(140, 120, 82)).save(out_dir / "x_xmp3.jpg", xmp=xmp, quality=90)
+    record("x_xmp3.jpg", "JPEG with orientation 3 in XMP only")
+    px16 = pattern(90, 80, 83).astype(np.uint16) * 257
+    alpha16 = np.full((80, 90, 1), 40000, dtype=np.uint16)
+    png_16bit(out_dir / "x_rgba16.png", 6, np.concatenate([px16, alpha16], axis=2))
+    record("x_rgba16.png", "16-bit RGBA PNG")
+    png_16bit(out_dir / "x_la16.png", 4, np.concatenate([px16[:, :, :1], alpha16], axis=2))
+    record("x_la16.png", "16-bit gray+alpha PNG")
+    # Widths and heights equal to a canvas side skip a resize pass; also checked tiled.
+    for (w, h, o) in [(448, 448, 1), (896, 448, 1), (448, 300, 1), (300, 448, 6), (1344, 448, 1), (448, 1344, 8)]:
+        name = f"x_{w}x{h}_o{o}.png"
+        Image.fromarray(pattern(w, h, 90 + w + h)).save(out_dir / name, exif=exif_bytes(o))
+        record(name, f"{w}x{h} PNG, orientation {o}: canvas sides equal to the image's", tiled=True)
+
     for i in range(count):
         w = rnd.choice([1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65]) if rnd.random() < 0.3 else rnd.randint(1, 400)
         h = rnd.choice([1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 64, 65]) if rnd.random() < 0.3 else rnd.randint(1, 400)
@@ -379,19 +431,7 @@ def stress(out_dir, count):
             lossless = rnd.random() < 0.3
             im.save(out_dir / name, lossless=lossless, quality=rnd.choice([50, 80, 95]))
             desc += f" {im.mode} lossless={lossless}"
-        try:
-            img = load_image(str(out_dir / name))
-        except Exception as e:  # noqa: BLE001 - record what PIL refuses
-            records.append({"name": name, "description": desc, "error": str(e)})
-            continue
-        out = proc(images=[img], crop_to_patches=False, return_tensors="pt")
-        pv = out["pixel_values"].numpy()
-        levels, _ = to_levels(pv)
-        lv_name = f"levels/{name}.u8med.gz"
-        (out_dir / lv_name).write_bytes(gzip.compress(med_filter(levels).tobytes(), compresslevel=6, mtime=0))
-        grid = get_optimal_tiled_canvas((img.height, img.width), (TILE, TILE), 1, 12)
-        records.append({"name": name, "description": desc, "width": img.width, "height": img.height,
-                        "grid": list(grid), "levels": lv_name})
+        record(name, desc)
     (out_dir / "stress.json").write_text(json.dumps({"images": records}, indent=1) + "\n")
     print(f"{len(records)} stress inputs in {out_dir}")
 

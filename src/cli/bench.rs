@@ -5,7 +5,6 @@
 //!
 //!   facellm bench --vision 300m --model DIR --threads 2
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use facellm::config::ModelConfig;
@@ -14,11 +13,16 @@ use facellm::model::vision::{VisionParams, VisionTower};
 use facellm::tensor::Tensor;
 use serde_json::{json, Value};
 
+use super::common::{select_device, Device};
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder whose language model is timed (prefill and decode).
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Model folder or hub id whose language model is timed (prefill and decode).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     /// Time a vision tower of this published shape with random weights: 300m or 6b.
     #[arg(long)]
     vision: Option<String>,
@@ -67,6 +71,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    select_device(args.device)?;
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
@@ -109,9 +114,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "ms_per_tile": best / n as f64, "gflop_per_s": flops / best / 1e6,
         });
     }
-    if let Some(dir) = &args.model {
+    if let Some(name) = &args.model {
+        let dir = super::source::resolve(name)?;
         let t0 = Instant::now();
-        let (_, model) = facellm::model::load_dir(dir)?;
+        let (_, model) = facellm::model::load_dir(&dir)?;
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut prefill = Vec::new();
         for &n in &args.prompt_tokens {

@@ -17,14 +17,17 @@ use facellm::tensor::Tensor;
 use facellm::tokenizer::{ChatOptions, Message, Part};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, SamplingArgs};
+use super::common::{load_model, preprocess_images, select_device, Device, SamplingArgs};
 use super::generate::Output;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder.
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Hugging Face model folder or hub id (owner/name).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Image for the first turn (repeatable).
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -74,6 +77,7 @@ fn initial_features(conv: &Conversation, images: usize) -> Option<Tensor> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    select_device(args.device)?;
     let loaded = load_model(&args.model)?;
     let image_opts = ImageOptions { max_tiles: args.max_tiles, ..ImageOptions::default() };
     let sampling = args.sampling.params(&loaded.generation)?;

@@ -2,7 +2,7 @@
 //! preprocessing the images of a request, and the sampling flags.
 
 use std::io::IsTerminal as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -22,12 +22,10 @@ pub struct Loaded {
     pub load_ms: f64,
 }
 
-/// Loads config, weights (validated before any compute), tokenizer and generation defaults of `dir`.
-pub fn load_model(dir: &Path) -> anyhow::Result<Loaded> {
+/// Resolves `model` (a folder or a hub id) and loads config, weights (validated before any compute), tokenizer and generation defaults of `dir`.
+pub fn load_model(model: &str) -> anyhow::Result<Loaded> {
     let t0 = Instant::now();
-    if !dir.is_dir() {
-        anyhow::bail!("model folder {} not found (expected a Hugging Face model folder)", dir.display());
-    }
+    let dir = &super::source::resolve(model)?;
     let (config, ckpt) = facellm::loader::open_model(dir)?;
     let bar = progress_bar(ckpt.file_bytes(), "loading weights");
     ckpt.prefetch(&mut |done, _| bar.set_position(done));
@@ -129,5 +127,24 @@ pub fn stdout_streamer(enabled: bool) -> impl FnMut(&str) {
             let _ = stdout.write_all(s.as_bytes());
             let _ = stdout.flush();
         }
+    }
+}
+
+/// Which backend runs the model.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when this build has it and a GPU is found, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Checks that `device` can run here (today: the CPU backend; CUDA arrives behind feature `cuda`).
+pub fn select_device(device: Device) -> anyhow::Result<()> {
+    match device {
+        Device::Auto | Device::Cpu => Ok(()),
+        Device::Cuda => anyhow::bail!(
+            "--device cuda: this build of facellm has no CUDA backend (build with `cargo build --release --features cuda` once the CUDA backend is available; use --device cpu)"
+        ),
     }
 }

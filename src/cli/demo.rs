@@ -45,7 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(keep.join("pd_astronaut_eileen_collins.jpg"), FACE)?;
     }
 
-    let loaded = load_model(dir.path())?;
+    let loaded = load_model(&dir.path().to_string_lossy())?;
     let (pixels, tiles) = preprocess_images(std::slice::from_ref(&image), &ImageOptions::default())?;
     let messages = vec![Message::parts("user", vec![Part::image(), Part::text(args.prompt.clone())])];
     let prompt = loaded.tokenizer.encode_chat(&messages, &tiles, &ChatOptions::default())?;

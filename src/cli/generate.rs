@@ -11,7 +11,7 @@ use facellm::image::ImageOptions;
 use facellm::tokenizer::{ChatOptions, Message, Part};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, stdout_streamer, SamplingArgs};
+use super::common::{load_model, preprocess_images, select_device, stdout_streamer, Device, SamplingArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -21,9 +21,12 @@ pub enum Output {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer files).
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer files) or hub id (owner/name).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Image file, repeatable; the images come before the prompt, in order.
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -49,6 +52,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    select_device(args.device)?;
     let loaded = load_model(&args.model)?;
     let image_opts = ImageOptions { max_tiles: args.max_tiles, ..ImageOptions::default() };
     let (pixels, tiles) = preprocess_images(&args.images, &image_opts)?;

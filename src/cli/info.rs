@@ -4,7 +4,6 @@
 //!   facellm info --model DIR [--output json]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use facellm::config::ModelConfig;
 use facellm::loader::open_model;
@@ -15,9 +14,9 @@ use super::generate::Output;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face model folder.
+    /// Hugging Face model folder or hub id (owner/name).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -27,7 +26,8 @@ fn gib(bytes: f64) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let (config, ckpt) = open_model(&args.model)?;
+    let dir = super::source::resolve(&args.model)?;
+    let (config, ckpt) = open_model(&dir)?;
     let summary = ckpt.summary();
     let text = config.text();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
@@ -41,7 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let weights = summary.total_bytes as f64;
     let kv_cpu = (kv_elems_per_token * 4) as f64;
     let kv_gpu = (kv_elems_per_token * 2) as f64;
-    let special = match Tokenizer::from_dir(&args.model) {
+    let special = match Tokenizer::from_dir(&dir) {
         Ok(tok) => {
             let sp = tok.special_tokens();
             let roles = [
@@ -83,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }),
     };
     let report = json!({
-        "model": args.model.display().to_string(),
+        "model": args.model,
         "architecture": architecture,
         "components": summary.components,
         "total_params": summary.total_params,
@@ -102,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    println!("model        {}", args.model.display());
+    println!("model        {} ({})", args.model, dir.display());
     for (k, v) in report["architecture"].as_object().into_iter().flatten() {
         println!("{k:<12} {}", v.as_str().unwrap_or_default());
     }

@@ -7,4 +7,5 @@ pub mod demo;
 pub mod generate;
 pub mod info;
 pub mod preprocess;
+pub mod source;
 pub mod tokenize;

@@ -9,6 +9,7 @@
 //!
 //! Every size check happens on the header, before pixel data is decoded.
 
+use std::borrow::Cow;
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
@@ -16,18 +17,38 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use super::{jpeg, orient};
 use crate::{Error, Result};
 
-/// A decoded, oriented image: the R, G and B planes of `width * height` bytes each, one after the other.
-/// Planes suit the rest of the pipeline (byte transposes, per-channel normalization) better than pixels.
+/// A decoded image: the R, G and B planes of the stored image, one after the other, and the orientation to
+/// apply. Planes suit the rest of the pipeline (byte transposes, per-channel normalization) better than pixels,
+/// and keeping the orientation pending lets the resize take the oriented image already transposed, which for
+/// rotated photos is just a flip of the stored planes (`orient::transposed`).
 pub(crate) struct Rgb {
+    /// Size after orientation.
     pub width: usize,
     pub height: usize,
-    pub data: Vec<u8>,
+    stored_width: usize,
+    stored_height: usize,
+    orientation: u32,
+    data: Vec<u8>,
 }
 
 impl Rgb {
-    pub(crate) fn plane(&self, c: usize) -> &[u8] {
-        let n = self.width * self.height;
+    fn stored_plane(&self, c: usize) -> &[u8] {
+        let n = self.stored_width * self.stored_height;
         &self.data[c * n..(c + 1) * n]
+    }
+
+    /// Channel `c` of the oriented image, `width * height` bytes.
+    pub(crate) fn plane(&self, c: usize) -> Cow<'_, [u8]> {
+        match orient::oriented_if_needed(self.orientation, self.stored_width, self.stored_height, self.stored_plane(c))
+        {
+            Some(p) => Cow::Owned(p),
+            None => Cow::Borrowed(self.stored_plane(c)),
+        }
+    }
+
+    /// Channel `c` of the oriented image, transposed: `width` lines of `height` bytes.
+    pub(crate) fn transposed_plane(&self, c: usize) -> Vec<u8> {
+        orient::transposed(self.orientation, self.stored_width, self.stored_height, self.stored_plane(c))
     }
 }
 
@@ -74,16 +95,20 @@ pub(crate) fn decode(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Rgb> {
             return Err(err(name, format!("{other:?} images are not supported (JPEG, PNG, WebP, BMP or GIF)")));
         }
     };
-    let (width, height, data) = orient::apply(o, w, h, data);
-    Ok(Rgb { width, height, data })
+    let (width, height) = orient::dims(o, w, h);
+    Ok(Rgb { width, height, stored_width: w, stored_height: h, orientation: o, data })
 }
 
 type Pixels = (usize, usize, Vec<u8>, u32);
 
 fn decode_jpeg(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Pixels> {
+    // Files libjpeg decodes but this decoder does not cover (CMYK, 12-bit...) go to the image crate's decoder,
+    // which is close to, not exactly, what PIL returns for them (CMYK: within 1 level in a test).
+    let fallback = || decode_other(bytes, name, ImageFormat::Jpeg, max_pixels);
     // Header first, so a huge frame is refused before any allocation.
     match jpeg::read_header(bytes) {
         Ok(hd) => check_size(name, hd.width, hd.height, max_pixels)?,
+        Err(jpeg::JpegError::Unsupported(_)) => return fallback(),
         Err(e) => return Err(jpeg_error(name, e)),
     }
     match jpeg::decode(bytes, max_pixels) {
@@ -91,9 +116,7 @@ fn decode_jpeg(bytes: &[u8], name: &str, max_pixels: u64) -> Result<Pixels> {
             let o = orient::orientation(d.exif.as_deref(), d.xmp.as_deref());
             Ok((d.width, d.height, d.rgb, o))
         }
-        // Files libjpeg decodes but this decoder does not cover (CMYK, 12-bit...): the image crate's decoder is
-        // close to, not exactly, what PIL would return.
-        Err(jpeg::JpegError::Unsupported(_)) => decode_other(bytes, name, ImageFormat::Jpeg, max_pixels),
+        Err(jpeg::JpegError::Unsupported(_)) => fallback(),
         Err(e) => Err(jpeg_error(name, e)),
     }
 }

@@ -20,6 +20,7 @@ mod orient;
 mod resize;
 mod tiling;
 
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::path::Path;
 
@@ -114,12 +115,24 @@ fn preprocess_rgb(img: &decode::Rgb, opts: &ImageOptions) -> Preprocessed {
     {
         let out = &mut pixel_values.spare_capacity_mut()[..n];
         let (grid_tiles, thumb) = out.split_at_mut(blocks * PLANE * 3);
+        // A horizontal pass works on transposed planes (shared by canvas and thumbnail); an unchanged width
+        // reads the oriented planes directly.
+        let thumb_w = if blocks != 1 { Some(TILE) } else { None };
+        let widths = [Some(cols * TILE), thumb_w];
+        let transposed: Vec<Vec<u8>> = if widths.iter().flatten().any(|&cw| cw != w) {
+            (0..3).into_par_iter().map(|c| img.transposed_plane(c)).collect()
+        } else {
+            Vec::new()
+        };
+        let plain: Vec<Cow<[u8]>> =
+            if widths.contains(&Some(w)) { (0..3).map(|c| img.plane(c)).collect() } else { Vec::new() };
+        let src = Source { w, h, plain: &plain, transposed: &transposed };
         // The grid canvas and the thumbnail are independent resizes of the original.
-        rayon::join(|| render_tiles(img, cols, rows, &lut, grid_tiles), || render_tiles(img, 1, 1, &lut, thumb));
+        rayon::join(|| render_tiles(&src, cols, rows, &lut, grid_tiles), || render_tiles(&src, 1, 1, &lut, thumb));
     }
-    // SAFETY: `render_tiles` initializes every element of the slice it is given (it is cut into planes of
+    // SAFETY: `render_tiles` initializes every element of the slice it is given: it cuts it into planes of
     // PLANE = TILE * TILE elements, each plane into bands of whole TILE-element lines, and `normalize::line`
-    // writes every element of a line), and the two slices above partition the first `n` elements (the
+    // writes a whole line from a TILE-byte source. The two slices above partition the first `n` elements (the
     // thumbnail slice is empty when there is no thumbnail).
     unsafe { pixel_values.set_len(n) };
     Preprocessed { grid: (cols, rows), num_tiles, pixel_values, original_size: (w, h) }
@@ -130,31 +143,39 @@ const PLANE: usize = TILE * TILE;
 /// Lines per parallel task when filling a tile.
 const BAND: usize = 16;
 
+/// The oriented image as the resize needs it.
+struct Source<'a> {
+    w: usize,
+    h: usize,
+    /// The three planes, present when a target width equals `w` (no horizontal pass).
+    plain: &'a [Cow<'a, [u8]>],
+    /// The three planes transposed, present when a target width differs from `w`.
+    transposed: &'a [Vec<u8>],
+}
+
 /// Resizes the image to `cols*TILE` x `rows*TILE` and writes its tiles, row-major, normalized and planar, into
 /// `out` (`cols * rows` tiles; nothing when `out` is empty). The vertical pass runs tile by tile, line by line,
 /// and each resized line goes straight to its plane, so the full-size canvas is never stored.
-fn render_tiles(img: &decode::Rgb, cols: usize, rows: usize, lut: &[[f32; 256]; 3], out: &mut [MaybeUninit<f32>]) {
+fn render_tiles(src: &Source, cols: usize, rows: usize, lut: &[[f32; 256]; 3], out: &mut [MaybeUninit<f32>]) {
     if out.is_empty() {
         return;
     }
-    let (w, h) = (img.width, img.height);
+    let Source { w, h, plain, transposed } = *src;
     let (cw, ch) = (cols * TILE, rows * TILE);
-    let wide: Vec<Vec<u8>> = if cw != w {
-        (0..3).into_par_iter().map(|c| resize::horizontal(img.plane(c), w, h, cw)).collect()
-    } else {
-        Vec::new()
-    };
+    debug_assert!(if cw == w { plain.len() == 3 } else { transposed.len() == 3 }, "missing planes");
+    let wide: Vec<Vec<u8>> =
+        if cw != w { transposed.par_iter().map(|t| resize::horizontal(t, w, h, cw)).collect() } else { Vec::new() };
     let mid = |c: usize| -> &[u8] {
         match wide.get(c) {
             Some(p) => p,
-            None => img.plane(c),
+            None => &plain[c],
         }
     };
     let taps = (ch != h).then(|| resize::Taps::new(h, ch));
     out.par_chunks_mut(PLANE).enumerate().for_each(|(i, plane)| {
         let (t, c) = (i / 3, i % 3);
         let (col, row) = (t % cols, t / cols);
-        let src = mid(c);
+        let lines = mid(c);
         plane.par_chunks_mut(BAND * TILE).enumerate().for_each_init(
             || (vec![0i32; TILE], vec![0u8; TILE]),
             |(acc, line), (k, band)| {
@@ -163,10 +184,10 @@ fn render_tiles(img: &decode::Rgb, cols: usize, rows: usize, lut: &[[f32; 256]; 
                     let offset = col * TILE;
                     let v: &[u8] = match &taps {
                         Some(taps) => {
-                            resize::combine(src, cw, offset, taps, y, acc, line);
+                            resize::combine(lines, cw, offset, taps, y, acc, line);
                             line
                         }
-                        None => &src[y * cw + offset..y * cw + offset + TILE],
+                        None => &lines[y * cw + offset..y * cw + offset + TILE],
                     };
                     normalize::line(v, &lut[c], dst);
                 }

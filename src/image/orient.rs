@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::resize::transpose;
+
 /// The raw Orientation value of an EXIF block (with or without its "Exif\0\0" prefix). `Some(0)` when the tag is
 /// present but unusable (several values): PIL then neither transposes nor looks at XMP.
 pub(crate) fn exif_orientation(exif: &[u8]) -> Option<u32> {
@@ -69,47 +71,74 @@ pub(crate) fn orientation(exif: Option<&[u8]>, xmp: Option<&[u8]>) -> u32 {
     }
 }
 
-/// Applies orientation `o` to a planar RGB image (three `w * h` planes); returns the new (width, height, pixels).
-pub(crate) fn apply(o: u32, w: usize, h: usize, src: Vec<u8>) -> (usize, usize, Vec<u8>) {
-    // For each output pixel (x, y) of the output size, the source pixel it copies.
-    type Map = fn(usize, usize, usize, usize) -> (usize, usize);
-    let (ow, oh, map): (usize, usize, Map) = match o {
-        2 => (w, h, |x, y, w, _| (w - 1 - x, y)),
-        3 => (w, h, |x, y, w, h| (w - 1 - x, h - 1 - y)),
-        4 => (w, h, |x, y, _, h| (x, h - 1 - y)),
-        5 => (h, w, |x, y, _, _| (y, x)),
-        6 => (h, w, |x, y, _, h| (y, h - 1 - x)),
-        7 => (h, w, |x, y, w, h| (w - 1 - y, h - 1 - x)),
-        8 => (h, w, |x, y, w, _| (w - 1 - y, x)),
-        _ => return (w, h, src),
-    };
-    let n = w * h;
-    let mut out = vec![0u8; 3 * n];
-    out.par_chunks_mut(ow).enumerate().for_each(|(i, row)| {
-        let (c, y) = (i / oh, i % oh);
-        let plane = &src[c * n..(c + 1) * n];
-        for (x, px) in row.iter_mut().enumerate() {
-            let (sx, sy) = map(x, y, w, h);
-            *px = plane[sy * w + sx];
+/// Orientation `o` as an optional transpose followed by optional horizontal and vertical flips:
+/// 2 flip x, 3 flip both, 4 flip y, 5 transpose, 6 transpose + flip x (90 clockwise), 7 transpose + flip both,
+/// 8 transpose + flip y (90 counter-clockwise); None for 1 and anything invalid.
+fn parts(o: u32) -> Option<(bool, bool, bool)> {
+    match o {
+        2 => Some((false, true, false)),
+        3 => Some((false, true, true)),
+        4 => Some((false, false, true)),
+        5 => Some((true, false, false)),
+        6 => Some((true, true, false)),
+        7 => Some((true, true, true)),
+        8 => Some((true, false, true)),
+        _ => None,
+    }
+}
+
+/// Size after orientation `o` of a `w` x `h` image.
+pub(crate) fn dims(o: u32, w: usize, h: usize) -> (usize, usize) {
+    match parts(o) {
+        Some((true, _, _)) => (h, w),
+        _ => (w, h),
+    }
+}
+
+/// One plane (`w` x `h` bytes) with orientation `o` applied; None when `o` leaves it as it is.
+pub(crate) fn oriented_if_needed(o: u32, w: usize, h: usize, plane: &[u8]) -> Option<Vec<u8>> {
+    let (t, fx, fy) = parts(o)?;
+    let (mut out, ow, oh) = if t { (transpose(plane, w, h), h, w) } else { (plane.to_vec(), w, h) };
+    flip(&mut out, ow, oh, fx, fy);
+    Some(out)
+}
+
+#[cfg(test)]
+fn oriented(o: u32, w: usize, h: usize, plane: &[u8]) -> Vec<u8> {
+    oriented_if_needed(o, w, h, plane).unwrap_or_else(|| plane.to_vec())
+}
+
+/// The transpose of `oriented(o, w, h, plane)`, which is what the horizontal resize pass consumes, computed
+/// without the intermediate: transposing a flip swaps its axis, and two transposes cancel, so for the rotations
+/// (5..=8, nearly every phone photo) this is the source plane flipped, with no transpose at all.
+pub(crate) fn transposed(o: u32, w: usize, h: usize, plane: &[u8]) -> Vec<u8> {
+    let (t, fx, fy) = parts(o).unwrap_or((false, false, false));
+    let (mut out, tw, th) = if t { (plane.to_vec(), w, h) } else { (transpose(plane, w, h), h, w) };
+    flip(&mut out, tw, th, fy, fx);
+    out
+}
+
+fn flip(plane: &mut [u8], w: usize, h: usize, flip_x: bool, flip_y: bool) {
+    match (flip_x, flip_y) {
+        (true, true) => plane.reverse(),
+        (true, false) => plane.par_chunks_mut(w).for_each(<[u8]>::reverse),
+        (false, true) => {
+            let (top, bottom) = plane.split_at_mut(h / 2 * w);
+            let bottom = &mut bottom[(h % 2) * w..];
+            top.par_chunks_mut(w).zip(bottom.par_chunks_mut(w).rev()).for_each(|(a, b)| a.swap_with_slice(b));
         }
-    });
-    (ow, oh, out)
+        (false, false) => {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A planar 3x2 image whose red plane numbers the pixels 1..6 row-major (1 2 3 / 4 5 6), green is 10 more,
-    /// blue 20 more.
-    fn img() -> Vec<u8> {
-        (0..3u8).flat_map(|c| (1..=6u8).map(move |v| v + 10 * c)).collect()
-    }
-
+    /// A 3x2 plane numbering the pixels 1..6 row-major: 1 2 3 / 4 5 6.
     fn red(o: u32) -> (usize, usize, Vec<u8>) {
-        let (w, h, px) = apply(o, 3, 2, img());
-        assert!(px[6..12].iter().zip(&px[..6]).all(|(g, r)| *g == r + 10), "planes move together");
-        (w, h, px[..6].to_vec())
+        let (w, h) = dims(o, 3, 2);
+        (w, h, oriented(o, 3, 2, &[1, 2, 3, 4, 5, 6]))
     }
 
     #[test]
@@ -123,6 +152,18 @@ mod tests {
         assert_eq!(red(7), (2, 3, vec![6, 3, 5, 2, 4, 1])); // TRANSVERSE
         assert_eq!(red(8), (2, 3, vec![3, 6, 2, 5, 1, 4])); // ROTATE_90 (counter-clockwise)
         assert_eq!(red(9), (3, 2, vec![1, 2, 3, 4, 5, 6]));
+    }
+
+    #[test]
+    fn transposed_is_transpose_of_oriented() {
+        for (w, h) in [(3, 2), (17, 9), (8, 16), (1, 5)] {
+            let plane: Vec<u8> = (0..w * h).map(|v| (v * 13 % 256) as u8).collect();
+            for o in 1..=8 {
+                let (ow, oh) = dims(o, w, h);
+                let want = transpose(&oriented(o, w, h, &plane), ow, oh);
+                assert_eq!(transposed(o, w, h, &plane), want, "{w}x{h} orientation {o}");
+            }
+        }
     }
 
     #[test]

@@ -96,18 +96,18 @@ impl Taps {
     }
 }
 
-/// The horizontal pass of one plane: `src` (`w` x `h` bytes) to `ow` x `h`, rounded to uint8 as aten does between
-/// the passes. It runs on the transposed plane so that, like the vertical pass, each output line is a weighted
-/// sum of whole input lines, which vectorizes; the two byte transposes cost far less than per-pixel gathers.
-pub(crate) fn horizontal(src: &[u8], w: usize, h: usize, ow: usize) -> Vec<u8> {
+/// The horizontal pass of one plane, `w` x `h` bytes to `ow` x `h`, rounded to uint8 as aten does between the
+/// passes. It takes the plane already transposed (`cols`: `w` lines of `h` bytes, from `transpose`) so that, like
+/// the vertical pass, each output line is a weighted sum of whole input lines, which vectorizes; transposing
+/// costs far less than per-pixel gathers, and the caller shares one transpose between canvas and thumbnail.
+pub(crate) fn horizontal(cols: &[u8], w: usize, h: usize, ow: usize) -> Vec<u8> {
     let taps = Taps::new(w, ow);
-    let cols = transpose(src, w, h);
     let mut out_cols = vec![0u8; h * ow];
     out_cols
         .par_chunks_mut(h)
         .with_min_len(16)
         .enumerate()
-        .for_each_init(|| vec![0i32; h], |acc, (x, out)| combine(&cols, h, 0, &taps, x, acc, out));
+        .for_each_init(|| vec![0i32; h], |acc, (x, out)| combine(cols, h, 0, &taps, x, acc, out));
     transpose(&out_cols, h, ow)
 }
 
@@ -183,7 +183,7 @@ fn combine_portable(
 
 /// Transposes a `w` x `h` byte plane into an `h` x `w` one. Each task owns a band of 8 output lines and moves
 /// 8x8 blocks as eight u64 words through `transpose8`; ragged edges go byte by byte.
-fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
+pub(crate) fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
     let mut out = vec![0u8; w * h];
     out.par_chunks_mut(8 * h).enumerate().for_each(|(bx, dst)| {
         let x0 = bx * 8;
@@ -245,7 +245,7 @@ fn transpose8(m: &mut [u64; 8]) {
 /// Whole-plane resize, for tests: the pipeline itself fuses the vertical pass with normalization (`super`).
 #[cfg(test)]
 pub(crate) fn resize_plane(src: &[u8], w: usize, h: usize, ow: usize, oh: usize) -> Vec<u8> {
-    let mid = if ow != w { horizontal(src, w, h, ow) } else { src.to_vec() };
+    let mid = if ow != w { horizontal(&transpose(src, w, h), w, h, ow) } else { src.to_vec() };
     if oh == h {
         return mid;
     }

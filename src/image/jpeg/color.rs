@@ -77,7 +77,7 @@ impl Plane<'_> {
     /// for odd ones, clamped to the real rows) and libjpeg's bias for the h1v2 case (1 above, 2 below).
     fn vertical_pair(&self, y: usize) -> (&[u8], &[u8], i32) {
         let iy = y / 2;
-        if y % 2 == 0 {
+        if y.is_multiple_of(2) {
             (self.row(iy), self.row(iy.saturating_sub(1)), 1)
         } else {
             (self.row(iy), self.row(iy + 1), 2)
@@ -124,13 +124,6 @@ pub(super) enum ColorSpace {
     Rgb,
 }
 
-struct YccTables {
-    cr_r: [i32; 256],
-    cb_b: [i32; 256],
-    cr_g: [i32; 256],
-    cb_g: [i32; 256],
-}
-
 const SCALEBITS: u32 = 16;
 const ONE_HALF: i32 = 1 << (SCALEBITS - 1);
 
@@ -140,21 +133,39 @@ const FIX_1_77200: i32 = 116130;
 const FIX_0_71414: i32 = 46802;
 const FIX_0_34414: i32 = 22554;
 
-fn ycc_tables() -> YccTables {
-    let mut t = YccTables { cr_r: [0; 256], cb_b: [0; 256], cr_g: [0; 256], cb_g: [0; 256] };
-    for i in 0..256 {
-        let x = i as i32 - 128;
-        t.cr_r[i] = (FIX_1_40200 * x + ONE_HALF) >> SCALEBITS;
-        t.cb_b[i] = (FIX_1_77200 * x + ONE_HALF) >> SCALEBITS;
-        t.cr_g[i] = -FIX_0_71414 * x;
-        t.cb_g[i] = -FIX_0_34414 * x + ONE_HALF;
-    }
-    t
-}
-
 #[inline(always)]
 fn clamp8(v: i32) -> u8 {
     v.clamp(0, 255) as u8
+}
+
+/// One row of YCbCr -> RGB. libjpeg looks up per-sample tables (Cr_r_tab = (FIX(1.402)*x + 1/2) >> 16, Cb_b_tab
+/// likewise, Cr_g_tab and Cb_g_tab left unshifted with the 1/2 in Cb_g_tab); computing the same integer
+/// expressions inline gives the same values and vectorizes.
+fn ycc_row(y: &[u8], cb: &[u8], cr: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above); the function is the portable code compiled with it.
+        unsafe { ycc_row_avx2(y, cb, cr, r, g, b) };
+        return;
+    }
+    ycc_row_portable(y, cb, cr, r, g, b);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ycc_row_avx2(y: &[u8], cb: &[u8], cr: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    ycc_row_portable(y, cb, cr, r, g, b)
+}
+
+#[inline(always)]
+fn ycc_row_portable(y: &[u8], cb: &[u8], cr: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    let outs = r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut());
+    for (((r, g), b), ((&yy, &cb), &cr)) in outs.zip(y.iter().zip(cb).zip(cr)) {
+        let (yy, cb, cr) = (yy as i32, cb as i32 - 128, cr as i32 - 128);
+        *r = clamp8(yy + ((FIX_1_40200 * cr + ONE_HALF) >> SCALEBITS));
+        *g = clamp8(yy + ((-FIX_0_34414 * cb + ONE_HALF - FIX_0_71414 * cr) >> SCALEBITS));
+        *b = clamp8(yy + ((FIX_1_77200 * cb + ONE_HALF) >> SCALEBITS));
+    }
 }
 
 /// Upsamples every component to `width` x `height` and converts to planar RGB (R plane, G plane, B plane). Gray
@@ -166,7 +177,6 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
     if planes.len() != expected {
         return Err(JpegError::Unsupported(format!("{} components", planes.len())));
     }
-    let tables = ycc_tables();
     let n = width * height;
     let mut rgb = vec![0u8; 3 * n];
     let (r_plane, rest) = rgb.split_at_mut(n);
@@ -199,15 +209,7 @@ pub(super) fn to_rgb(planes: &[Plane], space: ColorSpace, width: usize, height: 
                     g_out.copy_from_slice(rows[1]);
                     b_out.copy_from_slice(rows[2]);
                 }
-                ColorSpace::YCbCr => {
-                    let outs = r_out.iter_mut().zip(g_out.iter_mut()).zip(b_out.iter_mut());
-                    for (((r, g), b), ((&yy, &cb), &cr)) in outs.zip(rows[0].iter().zip(rows[1]).zip(rows[2])) {
-                        let (yy, cb, cr) = (yy as i32, cb as usize, cr as usize);
-                        *r = clamp8(yy + tables.cr_r[cr]);
-                        *g = clamp8(yy + ((tables.cb_g[cb] + tables.cr_g[cr]) >> SCALEBITS));
-                        *b = clamp8(yy + tables.cb_b[cb]);
-                    }
-                }
+                ColorSpace::YCbCr => ycc_row(rows[0], rows[1], rows[2], r_out, g_out, b_out),
             }
         },
     );
@@ -228,10 +230,30 @@ mod tests {
     }
 
     #[test]
-    fn ycc_gray_axis_is_identity() {
-        let t = ycc_tables();
-        assert_eq!(t.cr_r[128], 0);
-        assert_eq!(t.cb_b[128], 0);
-        assert_eq!((t.cb_g[128] + t.cr_g[128]) >> SCALEBITS, 0);
+    fn ycc_matches_libjpeg_tables() {
+        // The tables of jdcolor.c, built as libjpeg builds them, against the inline arithmetic, on every Cb/Cr.
+        for cb in 0..=255u8 {
+            let ys = [0u8, 1, 17, 128, 200, 254, 255];
+            for &yy in &ys {
+                let crs: Vec<u8> = (0..=255).collect();
+                let (n, y, cbs) = (crs.len(), vec![yy; 256], vec![cb; 256]);
+                let (mut r, mut g, mut b) = (vec![0; n], vec![0; n], vec![0; n]);
+                ycc_row(&y, &cbs, &crs, &mut r, &mut g, &mut b);
+                for (i, &cr) in crs.iter().enumerate() {
+                    let (x_cb, x_cr) = (cb as i32 - 128, cr as i32 - 128);
+                    let cr_r = (FIX_1_40200 * x_cr + ONE_HALF) >> SCALEBITS;
+                    let cb_b = (FIX_1_77200 * x_cb + ONE_HALF) >> SCALEBITS;
+                    let cr_g = -FIX_0_71414 * x_cr;
+                    let cb_g = -FIX_0_34414 * x_cb + ONE_HALF;
+                    let yy = yy as i32;
+                    assert_eq!(r[i], clamp8(yy + cr_r));
+                    assert_eq!(g[i], clamp8(yy + ((cb_g + cr_g) >> SCALEBITS)));
+                    assert_eq!(b[i], clamp8(yy + cb_b));
+                }
+            }
+        }
+        let (mut r, mut g, mut b) = ([0u8; 1], [0u8; 1], [0u8; 1]);
+        ycc_row(&[77], &[128], &[128], &mut r, &mut g, &mut b);
+        assert_eq!((r[0], g[0], b[0]), (77, 77, 77));
     }
 }

@@ -471,7 +471,7 @@ pub(crate) fn decode(data: &[u8], max_pixels: u64) -> Result<Decoded, JpegError>
         }
         p = next;
     }
-    let frame = frame.ok_or_else(|| JpegError::Invalid("no frame header".into()))?;
+    let mut frame = frame.ok_or_else(|| JpegError::Invalid("no frame header".into()))?;
     if scans == 0 {
         return Err(JpegError::Truncated);
     }
@@ -498,28 +498,31 @@ pub(crate) fn decode(data: &[u8], max_pixels: u64) -> Result<Decoded, JpegError>
             ColorSpace::YCbCr
         }
     };
-    let rgb = reconstruct(&frame, space)?;
+    let rgb = reconstruct(&mut frame, space)?;
     Ok(Decoded { width: frame.width, height: frame.height, rgb, exif: markers.exif, xmp: markers.xmp })
 }
 
 /// IDCT every component into a sample plane, then upsample and colour-convert.
-fn reconstruct(frame: &Frame, space: ColorSpace) -> Result<Vec<u8>, JpegError> {
+fn reconstruct(frame: &mut Frame, space: ColorSpace) -> Result<Vec<u8>, JpegError> {
     for c in &frame.comps {
-        if frame.max_h % c.h != 0 || frame.max_v % c.v != 0 {
+        if !frame.max_h.is_multiple_of(c.h) || !frame.max_v.is_multiple_of(c.v) {
             return Err(JpegError::Unsupported("fractional sampling ratio".into()));
         }
     }
+    // Each component's coefficients are freed as soon as its samples exist, to keep the peak memory of large
+    // images down.
     let samples: Vec<Vec<u8>> = frame
         .comps
-        .iter()
+        .iter_mut()
         .map(|c| {
             let stride = c.aw * 8;
             let mut plane = vec![0u8; stride * c.ah * 8];
             let quant = c.quant.unwrap_or([0; 64]);
+            let coefs = std::mem::take(&mut c.coefs);
             plane.par_chunks_mut(stride * 8).enumerate().for_each(|(by, rows)| {
                 for bx in 0..c.aw {
                     let off = (by * c.aw + bx) * 64;
-                    idct::idct_islow(&c.coefs[off..off + 64], &quant, &mut rows[bx * 8..], stride);
+                    idct::idct_islow(&coefs[off..off + 64], &quant, &mut rows[bx * 8..], stride);
                 }
             });
             plane
