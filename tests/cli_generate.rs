@@ -129,3 +129,49 @@ fn usage_errors_exit_2() {
     facellm().args(["generate", "--prompt", "x"]).assert().code(2);
     facellm().args(["no-such-command"]).assert().code(2);
 }
+
+/// A text-only Qwen2ForCausalLM folder with Qwen2.5-Instruct's tokenizer config (its chat template wants
+/// string content and adds a default system prompt).
+#[test]
+fn text_only_qwen2_folder_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": 151665, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true,
+        "bos_token_id": 151643, "eos_token_id": 151645
+    });
+    facellm::model::random::write_random_model(
+        dir.path(),
+        &config.to_string(),
+        "qwen2-cli",
+        &facellm::model::random::RecipeGains::default(),
+    )
+    .unwrap();
+    facellm::tokenizer::write_internvl3_files(dir.path()).unwrap();
+    std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
+    std::fs::copy(
+        format!("{}/tests/fixtures/tokenizer/qwen25_instruct/tokenizer_config.json", env!("CARGO_MANIFEST_DIR")),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let model = dir.path().to_str().unwrap();
+    let out = facellm()
+        .args(["generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "5", "--output", "json"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert!(json["prompt"].as_str().unwrap().starts_with("<|im_start|>system\nYou are Qwen"), "{}", json["prompt"]);
+    assert!(!json["generated_ids"].as_array().unwrap().is_empty());
+    // Images need image tokens, which this tokenizer does not have.
+    facellm()
+        .args(["generate", "--model", model, "--prompt", "Hello", "--image", &face()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("image"))
+        .stderr(predicate::str::contains("panicked").not());
+}

@@ -14,10 +14,10 @@ use std::sync::Arc;
 use facellm::engine::{GenerateOptions, Session, Timings};
 use facellm::image::ImageOptions;
 use facellm::tensor::Tensor;
-use facellm::tokenizer::{ChatOptions, Message, Part};
+use facellm::tokenizer::{ChatOptions, Message};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, select_device, Device, SamplingArgs};
+use super::common::{load_model, preprocess_images, select_device, user_turn, Device, SamplingArgs};
 use super::generate::Output;
 
 #[derive(clap::Args)]
@@ -175,14 +175,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             continue;
         }
-        let mut parts: Vec<Part> = (0..conv.pending).map(|_| Part::image()).collect();
-        parts.push(Part::text(line.to_string()));
         let mut messages = Vec::new();
         if let Some(s) = &conv.system {
             messages.push(Message::text("system", s.clone()));
         }
         messages.extend(conv.messages.iter().cloned());
-        messages.push(Message::parts("user", parts));
+        messages.push(user_turn(conv.pending, line));
         let prompt = match tok.encode_chat(&messages, &conv.tiles, &ChatOptions::default()) {
             Ok(p) => p,
             Err(e) => {

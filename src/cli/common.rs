@@ -148,3 +148,15 @@ pub fn select_device(device: Device) -> anyhow::Result<()> {
         ),
     }
 }
+
+/// A user turn: `images` image parts, then the text. Without images the content is a plain string, which
+/// every template accepts (text-only templates such as Qwen2.5's concatenate `content` as a string).
+pub fn user_turn(images: usize, text: &str) -> facellm::tokenizer::Message {
+    use facellm::tokenizer::{Message, Part};
+    if images == 0 {
+        return Message::text("user", text.to_string());
+    }
+    let mut parts: Vec<Part> = (0..images).map(|_| Part::image()).collect();
+    parts.push(Part::text(text.to_string()));
+    Message::parts("user", parts)
+}

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use clap::ValueEnum;
 use facellm::engine::{generate, GenerateOptions};
 use facellm::image::ImageOptions;
-use facellm::tokenizer::{ChatOptions, Message, Part};
+use facellm::tokenizer::{ChatOptions, Message};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, select_device, stdout_streamer, Device, SamplingArgs};
+use super::common::{load_model, preprocess_images, select_device, stdout_streamer, user_turn, Device, SamplingArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -60,9 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(system) = &args.system {
         messages.push(Message::text("system", system.clone()));
     }
-    let mut parts: Vec<Part> = args.images.iter().map(|_| Part::image()).collect();
-    parts.push(Part::text(args.prompt.clone()));
-    messages.push(Message::parts("user", parts));
+    messages.push(user_turn(args.images.len(), &args.prompt));
     let prompt = loaded.tokenizer.encode_chat(&messages, &tiles, &ChatOptions::default())?;
 
     let opts = GenerateOptions {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::ValueEnum;
 use facellm::image::{preprocess_file, ImageOptions};
-use facellm::tokenizer::{ChatOptions, Message, Part, PromptFormat, Tokenizer};
+use facellm::tokenizer::{ChatOptions, Message, PromptFormat, Tokenizer};
 use serde_json::json;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -73,9 +73,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(system) = &args.system {
             messages.push(Message::text("system", system.clone()));
         }
-        let mut parts: Vec<Part> = args.images.iter().map(|_| Part::image()).collect();
-        parts.push(Part::text(prompt));
-        messages.push(Message::parts("user", parts));
+        messages.push(super::common::user_turn(args.images.len(), &prompt));
         let mut chat = ChatOptions::default();
         chat.render.add_generation_prompt = !args.no_generation_prompt;
         chat.format = match args.format {

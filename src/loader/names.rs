@@ -40,6 +40,15 @@ pub fn canonical_name(kind: ModelKind, stored: &str) -> String {
     stored.to_string()
 }
 
+/// The name transformers writes for canonical `name` in a checkpoint of `kind`: runtime names for InternVL
+/// (the loader reads both styles), `model.*` for text-only Qwen2.
+pub fn stored_name(kind: ModelKind, name: &str) -> String {
+    match (kind, name.strip_prefix(LLM_PREFIX)) {
+        (ModelKind::Qwen2, Some(rest)) => format!("model.{rest}"),
+        _ => name.to_string(),
+    }
+}
+
 /// Stored tensors that are skipped rather than refused: rotary `inv_freq` buffers that older Qwen2/Llama
 /// exports saved; facellm recomputes them from the config.
 pub fn is_ignored(stored: &str) -> bool {

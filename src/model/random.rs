@@ -113,7 +113,8 @@ pub fn write_random_model(dir: &Path, config_json: &str, case: &str, g: &RecipeG
         let (offset, amp) = rule(name, shape, g)?;
         let n: usize = shape.iter().product();
         let vals = values_bf16(tensor_seed(case, name), n, amp, offset);
-        data.push((name.clone(), shape.clone(), bytemuck::cast_slice(&vals).to_vec()));
+        let stored = crate::loader::names::stored_name(config.kind(), name);
+        data.push((stored, shape.clone(), bytemuck::cast_slice(&vals).to_vec()));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
         .iter()
