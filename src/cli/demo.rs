@@ -60,7 +60,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("facellm demo: a tiny FaceLLM-architecture model with RANDOM weights (built in {build_ms:.0} ms)");
         println!("image : bundled NASA portrait (public domain), {} tile(s) of 448x448", tiles[0]);
         println!("prompt: {} tokens, {} of them image tokens", prompt.ids.len(), 256 * tiles[0]);
-        println!("{}", prompt.text.trim_end());
+        let shown = prompt.text.replacen("<IMG_CONTEXT>", &format!("<img><IMG_CONTEXT>x{}</img>", 256 * tiles[0]), 1);
+        println!("{}", shown.trim_end());
         print!("answer: ");
         let _ = std::io::stdout().flush();
     }

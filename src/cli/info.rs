@@ -21,8 +21,16 @@ pub struct Args {
     output: Output,
 }
 
-fn gib(bytes: f64) -> String {
-    format!("{:.2} GiB", bytes / (1u64 << 30) as f64)
+/// Bytes in the largest binary unit that keeps the number at least 1.
+fn human(bytes: f64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.2} {}", UNITS[unit])
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -106,22 +114,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for (k, v) in report["architecture"].as_object().into_iter().flatten() {
         println!("{k:<12} {}", v.as_str().unwrap_or_default());
     }
-    println!("parameters   {} ({} in {:?})", summary.total_params, gib(weights), dtypes);
+    println!("parameters   {} ({} in {:?})", summary.total_params, human(weights), dtypes);
     for c in &summary.components {
-        println!("  {:<22} {:>14} params {:>12}", format!("{:?}", c.component), c.params, gib(c.bytes as f64));
+        println!("  {:<22} {:>14} params {:>12}", format!("{:?}", c.component), c.params, human(c.bytes as f64));
     }
     println!("context      {context} tokens");
     println!(
-        "memory cpu   {} weights (mmap) + {:.0} KiB KV per token ({} at full context)",
-        gib(weights),
-        kv_cpu / 1024.0,
-        gib(weights + kv_cpu * context as f64)
+        "memory cpu   {} weights (mmap) + {} KV per token ({} at full context)",
+        human(weights),
+        human(kv_cpu),
+        human(weights + kv_cpu * context as f64)
     );
     println!(
-        "memory cuda  {} weights + {:.0} KiB KV per token ({} at full context)",
-        gib(weights),
-        kv_gpu / 1024.0,
-        gib(weights + kv_gpu * context as f64)
+        "memory cuda  {} weights + {} KV per token ({} at full context)",
+        human(weights),
+        human(kv_gpu),
+        human(weights + kv_gpu * context as f64)
     );
     if let Some(sp) = report["tokenizer"]["special_tokens"].as_object() {
         let list: Vec<String> = sp
