@@ -11,37 +11,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use facellm::engine::{GenerateOptions, Session, Timings};
-use facellm::image::ImageOptions;
+use facellm::engine::{Session, Timings};
 use facellm::tensor::Tensor;
 use facellm::tokenizer::{ChatOptions, Message};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, select_device, user_turn, Device, SamplingArgs};
+use super::common::{load_model, preprocess_images, select_device, user_turn, RequestArgs};
 use super::generate::Output;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Backend: auto, cpu or cuda.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-    /// Hugging Face model folder or hub id (owner/name).
-    #[arg(long)]
-    model: String,
-    /// Image for the first turn (repeatable).
-    #[arg(long = "image")]
-    images: Vec<PathBuf>,
-    /// System message.
-    #[arg(long)]
-    system: Option<String>,
-    /// Most tokens per answer.
-    #[arg(long, default_value_t = 512)]
-    max_new_tokens: usize,
-    /// Largest tile grid per image (1..=12).
-    #[arg(long, default_value_t = 12)]
-    max_tiles: usize,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    request: RequestArgs,
     /// text: answers on stdout, prompts and notices on stderr; json: one JSON object per answer.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -77,16 +58,11 @@ fn initial_features(conv: &Conversation, images: usize) -> Option<Tensor> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    select_device(args.device)?;
-    let loaded = load_model(&args.model)?;
-    let image_opts = ImageOptions { max_tiles: args.max_tiles, ..ImageOptions::default() };
-    let sampling = args.sampling.params(&loaded.generation)?;
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_new_tokens,
-        sampling,
-        eos_ids: loaded.generation.eos_token_ids.clone(),
-        stop_strings: Vec::new(),
-    };
+    let req = &args.request;
+    select_device(req.device)?;
+    let loaded = load_model(&req.model)?;
+    let image_opts = req.image_options();
+    let opts = req.generate_options(&loaded.generation)?;
     let cancel = Arc::new(AtomicBool::new(false));
     let generating = Arc::new(AtomicBool::new(false));
     {
@@ -103,7 +79,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tok = &loaded.tokenizer;
     let json_mode = args.output == Output::Json;
     let mut session = Session::new(model);
-    let mut conv = Conversation::new(args.system.clone());
+    let mut conv = Conversation::new(req.system.clone());
     let mut last = Timings::default();
 
     let attach = |conv: &mut Conversation, path: &PathBuf| -> anyhow::Result<()> {
@@ -123,16 +99,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         conv.pending += 1;
         Ok(())
     };
-    for path in &args.images {
+    for path in &req.images {
         attach(&mut conv, path)?;
     }
     // /reset and /system start over on the command line's images (attached to the next turn again).
     let restart = |system: Option<String>, from: &Conversation| Conversation {
         system,
         messages: Vec::new(),
-        tiles: from.tiles[..args.images.len()].to_vec(),
-        features: initial_features(from, args.images.len()),
-        pending: args.images.len(),
+        tiles: from.tiles[..req.images.len()].to_vec(),
+        features: initial_features(from, req.images.len()),
+        pending: req.images.len(),
     };
     if !json_mode && !super::common::QUIET.load(Ordering::Relaxed) {
         eprintln!("facellm chat: type a question; /image FILE, /system TEXT, /reset, /stats, /quit");

@@ -160,3 +160,47 @@ pub fn user_turn(images: usize, text: &str) -> facellm::tokenizer::Message {
     parts.push(Part::text(text.to_string()));
     Message::parts("user", parts)
 }
+
+/// The flags every request-running command shares (`generate`, `chat`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RequestArgs {
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer files) or hub id (owner/name).
+    #[arg(long)]
+    pub model: String,
+    /// Image file, repeatable; the images come before the text of the (first) turn, in order.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// System message (none by default, as FaceLLM's own inference).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer. Default: the folder's generation_config, else 512.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Stop when the answer contains this text (repeatable); the answer is cut before it.
+    #[arg(long = "stop")]
+    pub stops: Vec<String>,
+    /// Largest tile grid per image (1..=12).
+    #[arg(long, default_value_t = 12)]
+    pub max_tiles: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+impl RequestArgs {
+    pub fn image_options(&self) -> ImageOptions {
+        ImageOptions { max_tiles: self.max_tiles, ..ImageOptions::default() }
+    }
+
+    /// Generation options: these flags over the folder's generation_config.
+    pub fn generate_options(&self, g: &GenerationConfig) -> anyhow::Result<facellm::engine::GenerateOptions> {
+        Ok(facellm::engine::GenerateOptions {
+            max_new_tokens: self.max_new_tokens.or(g.max_new_tokens).unwrap_or(512),
+            sampling: self.sampling.params(g)?,
+            eos_ids: g.eos_token_ids.clone(),
+            stop_strings: self.stops.clone(),
+        })
+    }
+}
