@@ -124,6 +124,55 @@ fn bad_inputs_give_one_line_and_exit_1() {
     );
 }
 
+/// A PNG whose header claims `w` x `h` pixels but holds no pixel data (a decompression-bomb shape): it
+/// must be refused from its header, before any pixel is decoded or allocated.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let chunk = |png: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(&body);
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(&body);
+        png.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &[]);
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+#[test]
+fn more_bad_inputs_give_one_line_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    demo_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+
+    let huge = dir.path().join("huge.png");
+    std::fs::write(&huge, png_header_only(30_000, 30_000)).unwrap();
+    fails_with(&["generate", "--model", model, "--image", huge.to_str().unwrap(), "--prompt", "x"], "over the limit");
+    fails_with(&["generate", "--model", model, "--image", &face(), "--max-tiles", "13", "--prompt", "x"], "13");
+
+    let no_config = tempfile::tempdir().unwrap();
+    demo_model(no_config.path());
+    std::fs::remove_file(no_config.path().join("config.json")).unwrap();
+    fails_with(&["generate", "--model", no_config.path().to_str().unwrap(), "--prompt", "x"], "config.json");
+
+    let llama = tempfile::tempdir().unwrap();
+    demo_model(llama.path());
+    let cfg_path = llama.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["model_type"] = serde_json::json!("llama");
+    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    fails_with(&["generate", "--model", llama.path().to_str().unwrap(), "--prompt", "x"], "llama");
+    fails_with(&["info", "--model", llama.path().to_str().unwrap()], "llama");
+}
+
 #[test]
 fn usage_errors_exit_2() {
     facellm().args(["generate", "--prompt", "x"]).assert().code(2);
