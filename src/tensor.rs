@@ -24,6 +24,26 @@ impl DType {
             DType::BF16 | DType::F16 => 2,
         }
     }
+
+    /// The safetensors dtypes facellm loads; anything else in a checkpoint is refused when it is opened.
+    pub(crate) fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+        match d {
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::F32 => Some(DType::F32),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::BF16 => "BF16",
+            DType::F16 => "F16",
+            DType::F32 => "F32",
+        })
+    }
 }
 
 /// Bytes that outlive the tensor view on them (a memory map, or an owned buffer).

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use facellm::config::{ModelConfig, ModelKind};
-use facellm::loader::{expected_tensors, open_model, Checkpoint, Dtype};
+use facellm::loader::{expected_tensors, open_model, Checkpoint, DType};
 use facellm::Error;
 use safetensors::tensor::TensorView as StView;
 use safetensors::Dtype as StDtype;
@@ -303,7 +303,7 @@ fn unaligned_tensors_convert() {
     assert_eq!(a.to_f32_vec(), vec![1.5, -2.25, 3.0e-3]);
     assert_eq!(a.to_bf16_vec()[0], half::bf16::from_f32(1.5));
     let b = ckpt.tensor("b").expect("b");
-    assert_eq!(b.dtype, Dtype::BF16);
+    assert_eq!(b.dtype, DType::BF16);
     assert!(b.as_bf16_slice().is_none(), "unaligned bytes must not be cast");
     assert_eq!(b.to_f32_vec(), vec![0.5, -7.0]);
     let c = ckpt.tensor("c").expect("c");

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use facellm::config::ModelConfig;
-use facellm::loader::{canonical_name, expected_tensors, open_model, Checkpoint, Component, Dtype};
+use facellm::loader::{canonical_name, expected_tensors, open_model, Checkpoint, Component, DType};
 use half::bf16;
 
 fn fixture(rel: &str) -> PathBuf {
@@ -107,7 +107,7 @@ fn tied_qwen2_uses_embeddings_as_lm_head() {
 fn conversions_agree() {
     let (_, ckpt) = open_model(fixture("vit300m")).expect("vit300m");
     let t = ckpt.tensor("model.vision_tower.embeddings.patch_embeddings.projection.weight").expect("tensor");
-    assert_eq!((t.dtype, t.numel()), (Dtype::BF16, 32 * 3 * 14 * 14));
+    assert_eq!((t.dtype, t.numel()), (DType::BF16, 32 * 3 * 14 * 14));
     assert_eq!(t.bytes.len(), t.numel() * 2);
     assert!(t.file.ends_with("model.safetensors"));
     let f = t.to_f32_vec();

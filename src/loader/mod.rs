@@ -20,7 +20,7 @@ use crate::{Error, Result};
 pub use names::{canonical_name, expected_tensors, Expected};
 use shard::{Shard, StoredTensor};
 pub use summary::{Component, ComponentSummary, Summary};
-pub use tensor::{Dtype, TensorView};
+pub use tensor::{DType, TensorView};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -28,7 +28,7 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 struct Entry {
     shard: usize,
     stored_name: String,
-    dtype: Dtype,
+    dtype: DType,
     shape: Vec<usize>,
     start: usize,
     end: usize,
@@ -99,7 +99,7 @@ impl Checkpoint {
                 self.ignored.push(t.name);
                 continue;
             }
-            let dtype = Dtype::from_safetensors(t.dtype).ok_or_else(|| Error::Tensor {
+            let dtype = DType::from_safetensors(t.dtype).ok_or_else(|| Error::Tensor {
                 file: shard.path.display().to_string(),
                 tensor: t.name.clone(),
                 msg: format!("unsupported dtype {} (supported: BF16, F16, F32)", t.dtype),
@@ -262,7 +262,7 @@ impl Checkpoint {
 
     /// Parameters and bytes per component, as stored.
     pub fn summary(&self) -> Summary {
-        Summary::from_tensors(self.tensors.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice(), e.dtype.size_bytes())))
+        Summary::from_tensors(self.tensors.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice(), e.dtype.size())))
     }
 
     fn shard_path(&self, idx: usize) -> &Path {

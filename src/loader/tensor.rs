@@ -7,51 +7,16 @@
 use std::path::Path;
 
 use half::{bf16, f16};
-use serde::Serialize;
 
-/// Element types facellm loads. Anything else in a checkpoint is refused when it is opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Dtype {
-    BF16,
-    F16,
-    F32,
-}
-
-impl Dtype {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            Dtype::BF16 | Dtype::F16 => 2,
-            Dtype::F32 => 4,
-        }
-    }
-
-    pub(crate) fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
-        match d {
-            safetensors::Dtype::BF16 => Some(Dtype::BF16),
-            safetensors::Dtype::F16 => Some(Dtype::F16),
-            safetensors::Dtype::F32 => Some(Dtype::F32),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Dtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Dtype::BF16 => "BF16",
-            Dtype::F16 => "F16",
-            Dtype::F32 => "F32",
-        })
-    }
-}
+pub use crate::tensor::DType;
 
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
     /// Canonical name (see `loader::names`).
     pub name: &'a str,
-    pub dtype: Dtype,
+    pub dtype: DType,
     pub shape: &'a [usize],
-    /// Exactly `numel * dtype.size_bytes()` bytes, little-endian, straight from the mmap.
+    /// Exactly `numel * dtype.size()` bytes, little-endian, straight from the mmap.
     pub bytes: &'a [u8],
     pub file: &'a Path,
 }
@@ -63,25 +28,25 @@ impl<'a> TensorView<'a> {
 
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self.dtype {
-            Dtype::BF16 => self.u16s().map(|b| bf16::from_bits(b).to_f32()).collect(),
-            Dtype::F16 => self.u16s().map(|b| f16::from_bits(b).to_f32()).collect(),
-            Dtype::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            DType::BF16 => self.u16s().map(|b| bf16::from_bits(b).to_f32()).collect(),
+            DType::F16 => self.u16s().map(|b| f16::from_bits(b).to_f32()).collect(),
+            DType::F32 => self.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         }
     }
 
     /// bf16 values; f16 and f32 are rounded to nearest-even (f16 -> bf16 goes through f32, which is exact).
     pub fn to_bf16_vec(&self) -> Vec<bf16> {
         match self.dtype {
-            Dtype::BF16 => self.u16s().map(bf16::from_bits).collect(),
-            Dtype::F16 => self.u16s().map(|b| bf16::from_f32(f16::from_bits(b).to_f32())).collect(),
-            Dtype::F32 => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
+            DType::BF16 => self.u16s().map(bf16::from_bits).collect(),
+            DType::F16 => self.u16s().map(|b| bf16::from_f32(f16::from_bits(b).to_f32())).collect(),
+            DType::F32 => self.to_f32_vec().into_iter().map(bf16::from_f32).collect(),
         }
     }
 
     /// Zero-copy bf16 slice when the tensor is bf16, the bytes are 2-byte aligned and the host is
     /// little-endian; None otherwise (use `to_bf16_vec`).
     pub fn as_bf16_slice(&self) -> Option<&'a [bf16]> {
-        if self.dtype != Dtype::BF16 || cfg!(target_endian = "big") {
+        if self.dtype != DType::BF16 || cfg!(target_endian = "big") {
             return None;
         }
         bytemuck::try_cast_slice(self.bytes).ok()

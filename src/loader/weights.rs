@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use super::{Checkpoint, Dtype};
+use super::Checkpoint;
 use crate::model::Weights;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::{Error, Result};
 
 impl Weights for Checkpoint {
@@ -15,11 +15,7 @@ impl Weights for Checkpoint {
             tensor: name.to_string(),
             msg: "not in the checkpoint".into(),
         })?;
-        let dtype = match e.dtype {
-            Dtype::F32 => DType::F32,
-            Dtype::BF16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-        };
+        let dtype = e.dtype;
         Tensor::mapped(e.shape.clone(), Arc::clone(&shard.mmap) as Arc<dyn crate::tensor::ByteSource>, e.start, dtype)
     }
 }
