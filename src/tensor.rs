@@ -226,6 +226,39 @@ impl Tensor {
         }
     }
 
+    /// Appends rows along the first dimension (`data` holds whole rows of `shape[1..]`), in place when the
+    /// buffer is not shared: a growing KV cache costs only what it adds.
+    pub fn append_rows(&mut self, data: &[f32]) -> Result<()> {
+        let row: usize = self.shape[1..].iter().product();
+        if row == 0 || data.len() % row != 0 {
+            return Err(Error::Invalid(format!(
+                "cannot append {} values as rows of {:?}",
+                data.len(),
+                &self.shape[1..]
+            )));
+        }
+        match &mut self.storage {
+            Storage::F32(v) => Arc::make_mut(v).extend_from_slice(data),
+            _ => return Err(Error::Invalid(format!("append_rows needs an f32 tensor, got {:?}", self.dtype()))),
+        }
+        self.shape[0] += data.len() / row;
+        Ok(())
+    }
+
+    /// Keeps the first `rows` rows along the first dimension.
+    pub fn truncate_rows(&mut self, rows: usize) -> Result<()> {
+        if rows >= self.shape[0] {
+            return Ok(());
+        }
+        let row: usize = self.shape[1..].iter().product();
+        match &mut self.storage {
+            Storage::F32(v) => Arc::make_mut(v).truncate(rows * row),
+            _ => return Err(Error::Invalid(format!("truncate_rows needs an f32 tensor, got {:?}", self.dtype()))),
+        }
+        self.shape[0] = rows;
+        Ok(())
+    }
+
     /// The values widened to f32 (a copy).
     pub fn to_f32_vec(&self) -> Vec<f32> {
         if let Ok(v) = self.f32s() {

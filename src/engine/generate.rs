@@ -135,8 +135,7 @@ impl Session {
         }
         // Reuse the longest cached prefix, keeping at least one token to run (its logits start the answer).
         let reuse = self.ids.iter().zip(prompt_ids).take_while(|(a, b)| a == b).count().min(prompt_ids.len() - 1);
-        let kv_dim = model.llm().params().kv_heads * model.llm().params().head_dim;
-        self.cache.truncate(reuse, kv_dim);
+        self.cache.truncate(reuse)?;
         self.ids.truncate(reuse);
         let image_id = model.image_token_id();
         let skipped_rows = prompt_ids[..reuse].iter().filter(|&&id| id == image_id).count();

@@ -60,16 +60,18 @@ struct DecoderLayer {
     down: Linear,
 }
 
-/// A contiguous per-layer K/V cache: `[len, kv_heads, head_dim]` for each of k and v.
+/// A contiguous per-layer K/V cache: `[len, kv_heads, head_dim]` f32 tensors for each of k and v, grown in
+/// place and handed to attention without a copy.
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
     len: usize,
 }
 
 impl KvCache {
     pub fn new(p: &TextParams) -> KvCache {
-        KvCache { k: vec![Vec::new(); p.layers], v: vec![Vec::new(); p.layers], len: 0 }
+        let empty = Tensor::zeros([0, p.kv_heads, p.head_dim]);
+        KvCache { k: vec![empty.clone(); p.layers], v: vec![empty; p.layers], len: 0 }
     }
     /// Tokens held.
     pub fn len(&self) -> usize {
@@ -78,13 +80,14 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Drops every token after the first `len` (to rewind a shared prefix).
-    pub fn truncate(&mut self, len: usize, kv_dim: usize) {
+    /// Drops every token after the first `len` (to rewind to a shared prefix).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
         for (k, v) in self.k.iter_mut().zip(&mut self.v) {
-            k.truncate(len * kv_dim);
-            v.truncate(len * kv_dim);
+            k.truncate_rows(len)?;
+            v.truncate_rows(len)?;
         }
         self.len = self.len.min(len);
+        Ok(())
     }
 }
 
@@ -164,7 +167,7 @@ impl Qwen2 {
         }
         let positions: Vec<usize> = (start..total).collect();
         let inv_freq = p.inv_freq(total);
-        let (kvd, d) = (p.kv_heads * p.head_dim, p.head_dim);
+        let d = p.head_dim;
         let scale = (d as f32).powf(-0.5);
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -177,11 +180,9 @@ impl Qwen2 {
             let v = layer.v.forward(&y)?;
             backend::rope(&mut q, &positions, &inv_freq)?;
             backend::rope(&mut k, &positions, &inv_freq)?;
-            cache.k[i].extend_from_slice(k.f32s()?);
-            cache.v[i].extend_from_slice(v.f32s()?);
-            let kc = Tensor::from_f32([total, p.kv_heads, d], cache.k[i][..total * kvd].to_vec())?;
-            let vc = Tensor::from_f32([total, p.kv_heads, d], cache.v[i][..total * kvd].to_vec())?;
-            let a = backend::attention(&q, &kc, &vc, Some(start), scale)?;
+            cache.k[i].append_rows(k.f32s()?)?;
+            cache.v[i].append_rows(v.f32s()?)?;
+            let a = backend::attention(&q, &cache.k[i], &cache.v[i], Some(start), scale)?;
             let a = a.reshape([t, p.heads * d])?;
             let o = layer.o.forward(&a)?;
             let y = backend::add_rms_norm(&mut x, &o, &layer.post_norm, p.eps)?;
