@@ -9,6 +9,8 @@
 //! is written against; keep them (add ops if needed, tell the lead).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::tensor::Tensor;
 use crate::Result;

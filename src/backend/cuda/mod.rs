@@ -1,0 +1,129 @@
+//! The CUDA backend (feature `cuda`): a device probe that never panics, a registry of the kernels build.rs
+//! embedded, and one typed launcher per kernel (in `<op>.rs`, twins of `backend/cpu/<op>.rs`).
+//!
+//! cudarc loads libcuda with dlopen on first use and panics when it is missing, so [`probe`] checks for the
+//! library first and turns every failure (no library, no device, an old driver without a symbol) into an
+//! [`Error`]; callers fall back to the CPU or report it. Nothing here runs at build time or needs a GPU to
+//! compile.
+
+pub mod norm;
+pub mod registry;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream, DriverError};
+
+pub use registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cuda: no NVIDIA driver (libcuda.so.1 not found by dlopen); run with --device cpu")]
+    NoDriver,
+    #[error("cuda: {what}: {err}")]
+    Driver { what: String, err: DriverError },
+    /// cudarc panicked inside the driver binding (typically a symbol missing from an old libcuda).
+    #[error("cuda: {what}: the driver binding panicked: {msg}")]
+    Panicked { what: String, msg: String },
+    #[error("cuda: device {ordinal} requested, {count} present")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("cuda: kernel module `{module}` is not embedded in this binary")]
+    MissingModule { module: String },
+    /// A launcher's shape, length or size check failed.
+    #[error("cuda {op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+}
+
+impl From<Error> for crate::Error {
+    fn from(e: Error) -> Self {
+        crate::Error::Invalid(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Runs a driver call, turning both its error and a panic inside cudarc into an [`Error`].
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(err)) => Err(Error::Driver { what: what.to_string(), err }),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(Error::Panicked { what: what.to_string(), msg })
+        }
+    }
+}
+
+/// What [`probe`] found: the device count and the first device's name and compute capability.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub count: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+}
+
+fn driver_present() -> bool {
+    // SAFETY: only dlopen()s the candidate library names and drops the handle; no symbol is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let n = guarded("cuDeviceGetCount", CudaContext::device_count)?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Looks for a usable CUDA device without panicking; `Err` says why there is none.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo> {
+    CudaDevice::new(ordinal).map(|d| d.info)
+}
+
+/// One GPU: its context, the stream every launch goes to, and the kernels loaded into it.
+pub struct CudaDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub info: DeviceInfo,
+    pub kernels: Registry,
+}
+
+impl CudaDevice {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = guarded("create context", || CudaContext::new(ordinal))?;
+        let name = guarded("device name", || ctx.name())?;
+        let compute_capability = guarded("compute capability", || ctx.compute_capability())?;
+        let stream = ctx.default_stream();
+        let kernels = Registry::load(&ctx, compute_capability)?;
+        let info = DeviceInfo { ordinal, count, name, compute_capability };
+        Ok(CudaDevice { ctx, stream, info, kernels })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        guarded("synchronize", || self.stream.synchronize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs everywhere: without a driver the probe must be a clear `Err`, never a panic.
+    #[test]
+    fn probe_never_panics() {
+        let got = probe(0);
+        if !driver_present() {
+            assert!(matches!(got, Err(Error::NoDriver)), "{got:?}");
+        }
+        assert!(probe(usize::MAX).is_err());
+    }
+}
