@@ -143,8 +143,13 @@ pub enum Device {
 pub fn select_device(device: Device) -> anyhow::Result<()> {
     match device {
         Device::Auto | Device::Cpu => Ok(()),
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda => anyhow::bail!(
-            "--device cuda: this build of facellm has no CUDA backend (build with `cargo build --release --features cuda` once the CUDA backend is available; use --device cpu)"
+            "--device cuda: this build of facellm has no CUDA backend (build with `cargo build --release --features cuda`; use --device cpu)"
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => anyhow::bail!(
+            "--device cuda: the CUDA backend has its kernels but cannot run the model yet; use --device cpu"
         ),
     }
 }
