@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod image;
+pub mod kv;
 pub mod loader;
 pub mod model;
 pub mod tensor;

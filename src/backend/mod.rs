@@ -12,6 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use crate::kv::{KvLayer, KvLayerMut};
 use crate::tensor::Tensor;
 use crate::Result;
 
@@ -61,6 +62,25 @@ pub fn rope(x: &mut Tensor, positions: &[usize], inv_freq: &[f32]) -> Result<()>
 /// sees keys `0..=p + i`; `None`: bidirectional. Softmax in f32. Returns `[tq, hq, d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: Option<usize>, scale: f32) -> Result<Tensor> {
     cpu::attention::attention(q, k, v, causal, scale)
+}
+
+/// `attention` over a paged KV cache: k and v are the first `context_len` tokens of the block table
+/// `blocks` in one layer's pool storage `kv` (layout in `kv/mod.rs`). Same `q`, `causal`, `scale` and result.
+pub fn paged_attention(
+    q: &Tensor,
+    kv: &KvLayer,
+    blocks: &[u32],
+    context_len: usize,
+    causal: Option<usize>,
+    scale: f32,
+) -> Result<Tensor> {
+    cpu::paged_attention::paged_attention(q, kv, blocks, context_len, causal, scale)
+}
+
+/// Writes `k`, `v [t, kv_heads, d]` into positions `start..start + t` of the block table `blocks` of one
+/// layer's pool storage (slots handed out by `BlockPool::append`).
+pub fn write_kv(kv: &mut KvLayerMut, blocks: &[u32], start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    cpu::paged_attention::write_kv(kv, blocks, start, k, v)
 }
 
 /// InternViT embeddings: 14x14 stride-14 conv of `pixels [n, 3, H, W]` with `w [h, 3, p, p]`, `b [h]`,

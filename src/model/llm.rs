@@ -91,6 +91,42 @@ impl KvCache {
     }
 }
 
+/// Where a forward pass keeps keys and values: the contiguous `KvCache` above (the default), or a paged
+/// cache (`kv::PagedKv`). A pass calls `held`, then `reserve` once, `attend` once per layer in order, and
+/// `commit` once at the end.
+pub trait KvStore {
+    /// Tokens held before this pass: the position of its first token.
+    fn held(&self) -> usize;
+    /// Makes room for the pass's `t` tokens.
+    fn reserve(&mut self, t: usize) -> Result<()>;
+    /// Stores layer `layer`'s keys and values of the pass (`k`, `v [t, kv_heads, d]`, positions
+    /// `held..held + t`) and returns `attention(q, all keys, all values, causal from held, scale)`.
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor>;
+    /// Marks the pass's `t` tokens as held, once every layer has stored them.
+    fn commit(&mut self, t: usize) -> Result<()>;
+}
+
+impl KvStore for KvCache {
+    fn held(&self) -> usize {
+        self.len
+    }
+    fn reserve(&mut self, _t: usize) -> Result<()> {
+        Ok(())
+    }
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        let (Some(ck), Some(cv)) = (self.k.get_mut(layer), self.v.get_mut(layer)) else {
+            return Err(Error::Invalid(format!("kv cache: layer {layer} out of range")));
+        };
+        ck.append_rows(k.f32s()?)?;
+        cv.append_rows(v.f32s()?)?;
+        backend::attention(q, ck, cv, Some(self.len), scale)
+    }
+    fn commit(&mut self, t: usize) -> Result<()> {
+        self.len += t;
+        Ok(())
+    }
+}
+
 pub struct Qwen2 {
     p: TextParams,
     prefix: String,
@@ -154,10 +190,15 @@ impl Qwen2 {
 
     /// Runs `x [t, hidden]` (embeddings of the tokens after the cache) through every layer, appending their
     /// keys and values to `cache`; returns the final-normed hidden states `[t, hidden]`.
-    pub fn forward(&self, x: Tensor, cache: &mut KvCache, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward(&self, x: Tensor, cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        self.forward_kv(x, cache, trace)
+    }
+
+    /// `forward` with keys and values kept in any `KvStore` (a paged cache, for one).
+    pub fn forward_kv(&self, x: Tensor, cache: &mut dyn KvStore, mut trace: Option<&mut Trace>) -> Result<Tensor> {
         let p = &self.p;
         let t = x.shape()[0];
-        let start = cache.len;
+        let start = cache.held();
         let total = start + t;
         if total > p.max_position {
             return Err(Error::Invalid(format!(
@@ -169,6 +210,7 @@ impl Qwen2 {
         let inv_freq = p.inv_freq(total);
         let d = p.head_dim;
         let scale = (d as f32).powf(-0.5);
+        cache.reserve(t)?;
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(tr) = trace.as_deref_mut() {
@@ -177,12 +219,10 @@ impl Qwen2 {
             let y = layer.input_norm.forward(&x)?;
             let mut q = layer.q.forward(&y)?.reshape([t, p.heads, d])?;
             let mut k = layer.k.forward(&y)?.reshape([t, p.kv_heads, d])?;
-            let v = layer.v.forward(&y)?;
+            let v = layer.v.forward(&y)?.reshape([t, p.kv_heads, d])?;
             backend::rope(&mut q, &positions, &inv_freq)?;
             backend::rope(&mut k, &positions, &inv_freq)?;
-            cache.k[i].append_rows(k.f32s()?)?;
-            cache.v[i].append_rows(v.f32s()?)?;
-            let a = backend::attention(&q, &cache.k[i], &cache.v[i], Some(start), scale)?;
+            let a = cache.attend(i, &q, &k, &v, scale)?;
             let a = a.reshape([t, p.heads * d])?;
             let o = layer.o.forward(&a)?;
             let y = backend::add_rms_norm(&mut x, &o, &layer.post_norm, p.eps)?;
@@ -191,7 +231,7 @@ impl Qwen2 {
             let m = layer.down.forward(&backend::silu_mul(&g, &u)?)?;
             backend::add_scaled(&mut x, &m, None)?;
         }
-        cache.len = total;
+        cache.commit(t)?;
         if let Some(tr) = trace {
             tr.hidden.push(x.clone());
         }

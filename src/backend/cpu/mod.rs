@@ -13,6 +13,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod linear;
 pub mod norm;
+pub mod paged_attention;
 pub mod patch_embed;
 pub mod pixel_shuffle;
 pub mod rope;
