@@ -1,6 +1,7 @@
-// RMSNorm over the last dim, bf16 in and out, as Qwen2 writes it: `w * (x * rsqrt(mean(x^2) + eps))` with the
-// mean and the scale in fp32, so each output is rounded to bf16 once, like the CPU twin (backend/cpu/norm.rs)
-// which computes the same formula in f32 from the same bf16 values. The fused variant first adds the
+// RMSNorm over the last dim, bf16 in and out, as Qwen2RMSNorm computes it in bf16: the mean of squares and
+// `x * rsqrt(mean + eps)` in fp32, that product rounded to bf16 (`hidden_states.to(input_dtype)`), then
+// multiplied by the bf16 weight and rounded again. The CPU twin (backend/cpu/norm.rs) computes the formula in
+// f32 throughout; the two roundings are within the selfcheck's tolerance of it. The fused variant first adds the
 // sublayer output into the residual stream in place (rounded to bf16, as torch's bf16 `residual + x` is) and
 // normalises that rounded sum, so the residual never makes a separate trip through global memory.
 //
@@ -65,7 +66,7 @@ __device__ inline void rmsnorm_row(__nv_bfloat16* __restrict__ residual, const _
                 facellm::bf16x8_to_f32(facellm::load_bf16x8(w + 8 * i), wf);
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    wf[j] *= v[k][j] * scale;
+                    wf[j] *= facellm::round_bf16(v[k][j] * scale);
                 }
                 facellm::store_bf16x8(orow + 8 * i, facellm::f32_to_bf16x8(wf));
             }
@@ -87,7 +88,7 @@ __device__ inline void rmsnorm_row(__nv_bfloat16* __restrict__ residual, const _
     const float scale = 1.0f / sqrtf(facellm::block_sum(sq, scratch) / static_cast<float>(n) + eps);
     const __nv_bfloat16* src = rr ? rr : xr;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        orow[i] = __float2bfloat16_rn(__bfloat162float(w[i]) * (__bfloat162float(src[i]) * scale));
+        orow[i] = __float2bfloat16_rn(__bfloat162float(w[i]) * facellm::round_bf16(__bfloat162float(src[i]) * scale));
     }
 }
 

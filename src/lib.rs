@@ -12,6 +12,8 @@ pub mod image;
 pub mod kv;
 pub mod loader;
 pub mod model;
+pub mod selfcheck;
+pub mod server;
 pub mod tensor;
 pub mod tokenizer;
 

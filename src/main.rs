@@ -33,6 +33,10 @@ enum Command {
     Info(cli::info::Args),
     /// Preprocess an image as the model sees it and print the tiles' summary as JSON.
     Preprocess(cli::preprocess::Args),
+    /// Check every CUDA kernel and the GPU models against the CPU backend; prints a table, fails on any error.
+    Selfcheck(cli::selfcheck::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming, continuous batching).
+    Serve(cli::serve::Args),
 }
 
 fn main() {
@@ -46,6 +50,8 @@ fn main() {
         Command::Tokenize(args) => cli::tokenize::run(args),
         Command::Info(args) => cli::info::run(args),
         Command::Preprocess(args) => cli::preprocess::run(args),
+        Command::Selfcheck(args) => cli::selfcheck::run(args),
+        Command::Serve(args) => cli::serve::run(args),
     };
     if let Err(err) = result {
         // Colour only for a person at a terminal; logs and pipes get plain text.

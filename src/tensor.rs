@@ -230,7 +230,7 @@ impl Tensor {
     /// buffer is not shared: a growing KV cache costs only what it adds.
     pub fn append_rows(&mut self, data: &[f32]) -> Result<()> {
         let row: usize = self.shape[1..].iter().product();
-        if row == 0 || data.len() % row != 0 {
+        if row == 0 || !data.len().is_multiple_of(row) {
             return Err(Error::Invalid(format!(
                 "cannot append {} values as rows of {:?}",
                 data.len(),

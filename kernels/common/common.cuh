@@ -20,6 +20,17 @@ __device__ inline bool aligned16(const void* p) {
     return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
+// True when `p` may be read as a 4-byte word (a bf16 pair): im2col loads of odd-length runs use pairs.
+__device__ inline bool aligned4(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 3u) == 0;
+}
+
+// The value torch would hold after storing `v` in a bf16 tensor: rounds to nearest even and widens back, so an
+// intermediate that HF keeps in bf16 is rounded here at the same point.
+__device__ inline float round_bf16(float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
 // p must be 16-byte aligned.
 __device__ inline Bf16x8 load_bf16x8(const __nv_bfloat16* p) {
     return *reinterpret_cast<const Bf16x8*>(p);
@@ -74,5 +85,12 @@ __device__ inline float block_sum(float v, float* scratch) {
     __syncthreads();
     return v;
 }
+
+// Bits of the device error word: a u32 that kernels OR a bit into (atomicOr) when an input is out of range, so
+// a whole step can run (and be replayed as a CUDA graph) without a host sync; the host reads the word after the
+// step. The Rust side names the same bits in backend/cuda/embed.rs (ERR_*).
+constexpr unsigned kErrBadTokenId = 1u << 0;     // embedding_gather: id >= vocab (row written as zeros)
+constexpr unsigned kErrBadScatterRow = 1u << 1;  // scatter_rows: destination row outside [0, t) (row skipped)
+constexpr unsigned kErrBadKvSlot = 1u << 2;      // qkv_bias_rope_write_kv: slot < -1 or >= cache slots (skipped)
 
 }  // namespace facellm

@@ -16,6 +16,14 @@ use crate::kv::{KvLayer, KvLayerMut};
 use crate::tensor::Tensor;
 use crate::Result;
 
+/// Batch invariance: `linear` with at most this many rows of `x` computes every row exactly (bit for bit) as
+/// it would alone, and `attention` / `paged_attention` do the same for at most
+/// `ATTENTION_ROW_INVARIANT_MAX_ROWS` query rows. Larger calls take faster kernels whose rounding depends on
+/// the blocking. A caller that needs results independent of what else is in the batch (the serving engine:
+/// an answer must not change with the other requests) splits its calls into pieces of these sizes.
+pub const LINEAR_ROW_INVARIANT_MAX_ROWS: usize = cpu::linear::GEMV_MAX_M;
+pub const ATTENTION_ROW_INVARIANT_MAX_ROWS: usize = cpu::attention::SMALL_TQ;
+
 /// `x [m, k] · w[n, k]^T (+ b[n])` -> `[m, n]` f32. `w` f32, bf16 or f16; `b` any float dtype.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     cpu::linear::linear(x, w, b)

@@ -23,12 +23,26 @@ pub struct Args {
     /// Model folder or hub id whose language model is timed (prefill and decode).
     #[arg(long)]
     model: Option<String>,
-    /// Time a vision tower of this published shape with random weights: 300m or 6b.
+    /// Time vision towers of these published shapes with random weights: 300m, 6b (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    vision: Vec<String>,
+    /// Tiles per vision batch (comma separated: each is timed).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    tiles: Vec<usize>,
+    /// With --device cuda: time the language model of these published shapes with random weights built on the
+    /// device (1b, 8b, 38b; comma separated): TTFT, prefill and decode.
+    #[arg(long, alias = "shape", value_delimiter = ',')]
+    llm: Vec<String>,
+    /// Accepted for clarity with --shape/--llm: published shapes always run on random weights built on the
+    /// device (no files).
     #[arg(long)]
-    vision: Option<String>,
-    /// Tiles per vision batch.
-    #[arg(long, default_value_t = 1)]
-    tiles: usize,
+    random_weights: bool,
+    /// With --llm: decode batch sizes (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    batch: Vec<usize>,
+    /// With --device cuda: time every kernel's large-input case (GB/s against the copy bandwidth, TFLOP/s).
+    #[arg(long)]
+    kernels: bool,
     /// Prompt lengths for prefill, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "40,512")]
     prompt_tokens: Vec<usize>,
@@ -71,11 +85,14 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if matches!(args.device, Device::Cuda) {
+        return run_cuda(&args);
+    }
     select_device(args.device)?;
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
-    if args.model.is_none() && args.vision.is_none() {
+    if args.model.is_none() && args.vision.is_empty() {
         anyhow::bail!("nothing to measure: give --model DIR and/or --vision 300m|6b");
     }
     let repeat = args.repeat.max(1);
@@ -84,35 +101,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "cpu": cpu_name(),
         "threads": rayon::current_num_threads(),
     });
-    if let Some(shape) = &args.vision {
-        let size = match shape.as_str() {
-            "300m" => "1b",
-            "6b" => "38b",
-            other => anyhow::bail!("unknown vision shape `{other}` (expected 300m or 6b)"),
-        };
-        let config = ModelConfig::from_json_str("published config", &published_config_json(size)?)?;
-        let vc = config.vision().ok_or_else(|| anyhow::anyhow!("no vision config"))?;
-        let params = VisionParams::from_config(vc)?;
-        let tower = VisionTower::load(&RandomWeights::for_config(&config, "bench"), &params)?;
-        let n = args.tiles;
-        let px: Vec<f32> =
-            facellm::model::random::values_bf16(7, n * 3 * 448 * 448, 2.0, 0.0).iter().map(|v| v.to_f32()).collect();
-        let px = Tensor::from_f32([n, 3, 448, 448], px)?;
-        tower.forward(&px)?; // warm-up
-        let mut ms = Vec::new();
-        for _ in 0..repeat {
-            let t = Instant::now();
-            tower.forward(&px)?;
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
+    let mut vision_runs = Vec::new();
+    for shape in &args.vision {
+        for &n in &args.tiles {
+            let size = match shape.as_str() {
+                "300m" => "1b",
+                "6b" => "38b",
+                other => anyhow::bail!("unknown vision shape `{other}` (expected 300m or 6b)"),
+            };
+            let config = ModelConfig::from_json_str("published config", &published_config_json(size)?)?;
+            let vc = config.vision().ok_or_else(|| anyhow::anyhow!("no vision config"))?;
+            let params = VisionParams::from_config(vc)?;
+            let tower = VisionTower::load(&RandomWeights::for_config(&config, "bench"), &params)?;
+            let px: Vec<f32> = facellm::model::random::values_bf16(7, n * 3 * 448 * 448, 2.0, 0.0)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            let px = Tensor::from_f32([n, 3, 448, 448], px)?;
+            tower.forward(&px)?; // warm-up
+            let mut ms = Vec::new();
+            for _ in 0..repeat {
+                let t = Instant::now();
+                tower.forward(&px)?;
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let (h, i, t, l) =
+                (params.hidden as f64, params.intermediate as f64, params.tokens() as f64, params.layers as f64);
+            let flops =
+                n as f64 * (l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * t * h) + 2.0 * t * h * 588.0);
+            let best = ms.iter().cloned().fold(f64::INFINITY, f64::min);
+            vision_runs.push(json!({
+                "shape": shape, "tiles": n, "time": stats(&mut ms),
+                "ms_per_tile": best / n as f64, "gflop_per_s": flops / best / 1e6,
+            }));
         }
-        let (h, i, t, l) =
-            (params.hidden as f64, params.intermediate as f64, params.tokens() as f64, params.layers as f64);
-        let flops = n as f64 * (l * (2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * t * h) + 2.0 * t * h * 588.0);
-        let best = ms.iter().cloned().fold(f64::INFINITY, f64::min);
-        report["vision"] = json!({
-            "shape": shape, "tiles": n, "time": stats(&mut ms),
-            "ms_per_tile": best / n as f64, "gflop_per_s": flops / best / 1e6,
-        });
+    }
+    if !vision_runs.is_empty() {
+        report["vision"] = Value::Array(vision_runs);
     }
     if let Some(name) = &args.model {
         let dir = super::source::resolve(name)?;
@@ -154,6 +179,52 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     report["peak_rss_mb"] = json!(peak_rss_mb());
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_args: &Args) -> anyhow::Result<()> {
+    select_device(Device::Cuda)
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &Args) -> anyhow::Result<()> {
+    use facellm::backend::cuda::CudaDevice;
+    if args.vision.is_empty() && !args.kernels && args.model.is_none() && args.llm.is_empty() {
+        anyhow::bail!("nothing to measure: give --vision 300m,6b, --llm 1b,8b and/or --kernels");
+    }
+    let dev = CudaDevice::new(0).map_err(|e| anyhow::anyhow!("bench --device cuda: {e}"))?;
+    use facellm::model::gpu::WeightSource;
+    let mut ckpt = None;
+    if let Some(name) = &args.model {
+        let dir = super::source::resolve(name)?;
+        ckpt = Some((dir.display().to_string(), facellm::loader::open_model(&dir)?));
+    }
+    let mut targets = Vec::new();
+    for shape in &args.llm {
+        let config = ModelConfig::from_json_str("published config", &published_config_json(shape)?)?;
+        targets.push((shape.clone(), config, WeightSource::DeviceRandom { case: format!("bench-{shape}") }));
+    }
+    if let Some((name, (config, c))) = &ckpt {
+        targets.push((name.clone(), config.clone(), WeightSource::Host(c)));
+    }
+    let copy = super::bench_cuda::copy_bandwidth(&dev)?;
+    let mut report = json!({
+        "device": "cuda",
+        "gpu": dev.info.name,
+        "compute_capability": format!("{}.{}", dev.info.compute_capability.0, dev.info.compute_capability.1),
+        "copy_bandwidth_gb_per_s": copy,
+    });
+    if !args.vision.is_empty() {
+        report["vision"] = super::bench_cuda::vision(&dev, &args.vision, &args.tiles, args.repeat.max(5))?;
+    }
+    if !targets.is_empty() {
+        report["llm"] = super::bench_cuda::llm(&dev, &targets, &args.batch, args.decode_tokens)?;
+    }
+    if args.kernels {
+        report["kernels"] = super::bench_cuda::kernels(&dev, copy)?;
+    }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }

@@ -8,7 +8,7 @@ use facellm::engine::generate;
 use facellm::tokenizer::{ChatOptions, Message};
 use serde_json::json;
 
-use super::common::{load_model, preprocess_images, select_device, stdout_streamer, user_turn, RequestArgs};
+use super::common::{load_model, preprocess_images, select_device, stdout_streamer, user_turn, Device, RequestArgs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -29,6 +29,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let req = &args.request;
+    if matches!(req.device, Device::Cuda) {
+        return run_cuda(&args);
+    }
     select_device(req.device)?;
     let loaded = load_model(&req.model)?;
     let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
@@ -63,6 +66,73 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "prefill_tokens_per_s": prompt.ids.len() as f64 * 1e3 / t.prefill_ms.max(1e-9),
             "decode_ms": t.decode_ms,
             "decode_tokens_per_s": t.decode_tokens_per_s(),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_args: &Args) -> anyhow::Result<()> {
+    select_device(Device::Cuda)
+}
+
+/// The same request on the GPU engine (`engine::gpu`): weights uploaded from the checkpoint, greedy decoding
+/// by the GPU's argmax (sampling on the host from the GPU's logits).
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &Args) -> anyhow::Result<()> {
+    use facellm::backend::cuda::CudaDevice;
+    use facellm::config::GenerationConfig;
+    use facellm::engine::gpu::{GpuGenerator, GpuOptions, GpuRequest};
+    use facellm::model::gpu::WeightSource;
+    use facellm::tokenizer::Tokenizer;
+    use std::time::Instant;
+
+    let req = &args.request;
+    let t0 = Instant::now();
+    let dir = super::source::resolve(&req.model)?;
+    let (config, ckpt) = facellm::loader::open_model(&dir)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    let generation = GenerationConfig::load(&dir, &config)?;
+    let dev = CudaDevice::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let opts = GpuOptions { max_seqs: 1, ..GpuOptions::default() };
+    let mut gen = GpuGenerator::load(&dev, &config, &WeightSource::Host(&ckpt), opts)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
+    let mut messages = Vec::new();
+    if let Some(system) = &req.system {
+        messages.push(Message::text("system", system.clone()));
+    }
+    messages.push(user_turn(req.images.len(), &args.prompt));
+    let prompt = tokenizer.encode_chat(&messages, &tiles, &ChatOptions::default())?;
+    let pixels = pixels.map(|t| {
+        let n = t.shape()[0];
+        (t.into_f32_vec(), n)
+    });
+    let request = GpuRequest { ids: prompt.ids.clone(), pixels, opts: req.generate_options(&generation)? };
+    let decode = |ids: &[u32]| tokenizer.decode(ids, true);
+    let streaming = args.output == Output::Text;
+    let mut on_text = stdout_streamer(streaming);
+    let out = gen.generate(std::slice::from_ref(&request), &decode, &mut |_, s| on_text(s))?;
+    let out = out.into_iter().next().ok_or_else(|| anyhow::anyhow!("no output"))?;
+    if streaming {
+        println!();
+        return Ok(());
+    }
+    let report = json!({
+        "device": dev.info.name,
+        "prompt": prompt.text,
+        "prompt_ids": prompt.ids,
+        "tiles_per_image": tiles,
+        "generated_ids": out.ids,
+        "text": out.text,
+        "finish_reason": out.finish_reason,
+        "timings": {
+            "load_ms": load_ms,
+            "vision_ms": out.vision_ms,
+            "ttft_ms": out.ttft_ms,
+            "decode_ms": out.decode_ms,
+            "decode_tokens_per_s": out.ids.len().saturating_sub(1) as f64 * 1e3 / out.decode_ms.max(1e-9),
         },
     });
     println!("{}", serde_json::to_string_pretty(&report)?);

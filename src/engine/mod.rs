@@ -1,7 +1,11 @@
-//! Generation: prefill, decode loop, sampling, stop rules and streaming. One sequence at a time here; the
-//! batching scheduler of the serving issue builds on the same pieces.
+//! Generation: prefill, decode loop, sampling, stop rules and streaming. `generate` runs one sequence at a
+//! time (the CLI); `batch` is the continuous-batching engine of the server, built on the same sampler, stop
+//! rules and streaming detokenizer.
 
+pub mod batch;
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod stop;
 
 pub use generate::{generate, FinishReason, GenerateOptions, GenerateOutput, Session, Timings};

@@ -15,14 +15,18 @@
 //! table's length are ever written, and `BlockPool::append` makes those slots private first (copy-on-write
 //! of a shared partially-filled last block); running out of blocks is an `Err` and leaves the table as it
 //! was. The attention side is `backend::paged_attention` and `backend::write_kv`;
-//! `PagedKv` lets `Qwen2::forward_kv` run on a table.
+//! `PagedKv` lets `Qwen2::forward_kv` run on a table, `PagedBatch` lets `Qwen2::forward_batch` run many
+//! tables of one pool in a single pass, and `PrefixRetainer` keeps finished sequences' prefix blocks
+//! findable until the pool needs the room.
 
+mod keep;
 mod paged;
 mod pool;
 mod prefix;
 mod table;
 
-pub use paged::PagedKv;
+pub use keep::PrefixRetainer;
+pub use paged::{PagedBatch, PagedKv};
 pub use pool::{BlockPool, KvLayer, KvLayerMut};
 pub use table::BlockTable;
 

@@ -2,7 +2,7 @@
 
 use super::{BlockPool, BlockTable};
 use crate::backend;
-use crate::model::llm::KvStore;
+use crate::model::llm::{BatchKvStore, KvStore};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -62,6 +62,119 @@ impl Drop for PagedKv<'_> {
             // Truncating to a shorter length only releases blocks this table holds, which cannot fail; and
             // a destructor has nowhere to report to anyway.
             let _ = self.pool.truncate(self.table, self.start);
+        }
+    }
+}
+
+/// One sequence of a `PagedBatch`.
+struct BatchSeq<'a> {
+    table: &'a mut BlockTable,
+    tokens: &'a [u32],
+    start: usize,
+    committed: bool,
+}
+
+/// A `BatchKvStore` over several block tables in one pool, for one batched pass (`Qwen2::forward_batch`):
+/// `PagedKv` for many sequences at once. Sequence `i` runs `seqs[i].1` (the ids of its new positions) on
+/// table `seqs[i].0`. The same rollback rule holds per sequence: a table whose pass did not commit returns
+/// to its old length when the batch is dropped.
+///
+/// With `row_invariant`, attention runs in groups of at most `backend::ATTENTION_ROW_INVARIANT_MAX_ROWS`
+/// query rows over the table's keys gathered once, so each row is computed exactly as it would be in any
+/// other chunking of the same sequence (pair it with `row_invariant` in `Qwen2::forward_batch`).
+pub struct PagedBatch<'a> {
+    pool: &'a mut BlockPool,
+    seqs: Vec<BatchSeq<'a>>,
+    row_invariant: bool,
+}
+
+impl<'a> PagedBatch<'a> {
+    pub fn new(
+        pool: &'a mut BlockPool,
+        seqs: Vec<(&'a mut BlockTable, &'a [u32])>,
+        row_invariant: bool,
+    ) -> PagedBatch<'a> {
+        let seqs = seqs
+            .into_iter()
+            .map(|(table, tokens)| {
+                let start = table.len();
+                BatchSeq { table, tokens, start, committed: false }
+            })
+            .collect();
+        PagedBatch { pool, seqs, row_invariant }
+    }
+}
+
+impl BatchKvStore for PagedBatch<'_> {
+    fn seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn held(&self, seq: usize) -> usize {
+        self.seqs.get(seq).map_or(0, |s| s.start)
+    }
+
+    fn reserve(&mut self, seq: usize, t: usize) -> Result<()> {
+        let n = self.seqs.len();
+        let PagedBatch { pool, seqs, .. } = self;
+        let Some(s) = seqs.get_mut(seq) else {
+            return Err(Error::Invalid(format!("paged batch: sequence {seq} of {n}")));
+        };
+        if t != s.tokens.len() || s.table.len() != s.start {
+            return Err(Error::Invalid(format!(
+                "paged batch: sequence {seq}: a pass of {t} tokens was given {} token ids, on a table of {} tokens \
+                 made at {}",
+                s.tokens.len(),
+                s.table.len(),
+                s.start
+            )));
+        }
+        pool.append(s.table, s.tokens)?;
+        Ok(())
+    }
+
+    fn attend(&mut self, seq: usize, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        let n = self.seqs.len();
+        let Some(s) = self.seqs.get(seq) else {
+            return Err(Error::Invalid(format!("paged batch: sequence {seq} of {n}")));
+        };
+        let blocks = s.table.blocks();
+        backend::write_kv(&mut self.pool.layer_mut(layer)?, blocks, s.start, k, v)?;
+        let held = s.start + s.tokens.len();
+        let group = backend::ATTENTION_ROW_INVARIANT_MAX_ROWS;
+        let rows = q.shape().first().copied().unwrap_or(0);
+        if !self.row_invariant || rows <= group {
+            return backend::paged_attention(q, &self.pool.layer(layer)?, blocks, held, Some(s.start), scale);
+        }
+        let (keys, values) = backend::cpu::paged_attention::gather_kv(&self.pool.layer(layer)?, blocks, held)?;
+        let row: usize = q.shape()[1..].iter().product();
+        let mut out = Vec::with_capacity(rows * row);
+        for (g, part) in q.f32s()?.chunks(group * row).enumerate() {
+            let mut shape = q.shape().to_vec();
+            shape[0] = part.len() / row;
+            let qg = Tensor::from_f32(shape, part.to_vec())?;
+            out.extend_from_slice(backend::attention(&qg, &keys, &values, Some(s.start + g * group), scale)?.f32s()?);
+        }
+        Tensor::from_f32(q.shape().to_vec(), out)
+    }
+
+    fn commit(&mut self, seq: usize, _t: usize) -> Result<()> {
+        let n = self.seqs.len();
+        let Some(s) = self.seqs.get_mut(seq) else {
+            return Err(Error::Invalid(format!("paged batch: sequence {seq} of {n}")));
+        };
+        s.committed = true;
+        self.pool.publish(s.table)
+    }
+}
+
+impl Drop for PagedBatch<'_> {
+    fn drop(&mut self) {
+        for s in &mut self.seqs {
+            if !s.committed && s.table.len() > s.start {
+                // As in `PagedKv`: shortening releases only this table's blocks and cannot fail.
+                let _ = self.pool.truncate(s.table, s.start);
+            }
         }
     }
 }

@@ -189,7 +189,22 @@ impl BlockPool {
     /// number of times the tables list it, the free list holds exactly the blocks with count zero (once
     /// each), and every prefix entry names a live block. Meant for tests and debug builds of the scheduler.
     pub fn audit<'t>(&self, tables: impl IntoIterator<Item = &'t super::BlockTable>) -> Result<()> {
+        self.audit_with(tables, std::iter::empty())
+    }
+
+    /// `audit` where `extra` lists further references held outside any table (a `PrefixRetainer`'s blocks).
+    pub fn audit_with<'t>(
+        &self,
+        tables: impl IntoIterator<Item = &'t super::BlockTable>,
+        extra: impl IntoIterator<Item = u32>,
+    ) -> Result<()> {
         let mut held = vec![0u32; self.num_blocks];
+        for b in extra {
+            let slot = held
+                .get_mut(b as usize)
+                .ok_or_else(|| Error::Invalid(format!("kv audit: retained block {b} out of range")))?;
+            *slot += 1;
+        }
         for t in tables {
             for &b in t.blocks() {
                 let slot = held

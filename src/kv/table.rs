@@ -51,6 +51,11 @@ impl BlockTable {
     pub fn salt(&self) -> u64 {
         self.salt
     }
+
+    /// Leading full blocks whose prefix keys are known (published by this table or found by `match_prefix`).
+    pub fn published(&self) -> usize {
+        self.keys.len()
+    }
 }
 
 impl BlockPool {

@@ -1,7 +1,7 @@
 //! FaceLLM = vision tower + projector + Qwen2, glued by the image-token scatter (MODEL_SPEC §3.7): the
 //! projector's features replace, in order, the embeddings at every `<IMG_CONTEXT>` position.
 
-use super::llm::{KvCache, Qwen2, TextParams, Trace};
+use super::llm::{BatchKvStore, KvCache, Qwen2, TextParams, Trace};
 use super::projector::Projector;
 use super::vision::{VisionParams, VisionTower};
 use super::Weights;
@@ -17,6 +17,16 @@ pub struct ImageFeatures {
     pub shuffled: Tensor,
     /// Projector output `[tiles * (g/2)^2, D]`: one row per `<IMG_CONTEXT>` token.
     pub features: Tensor,
+}
+
+/// One sequence's part of a batched pass (`FaceLlm::forward_batch`).
+pub struct BatchInput<'a> {
+    /// The tokens after what the sequence's cache holds (a prefill chunk, or the one token of a decode step).
+    pub ids: &'a [u32],
+    /// One feature row per `<IMG_CONTEXT>` token among `ids`, in order.
+    pub features: Option<&'a Tensor>,
+    /// Whether the logits of the last token are wanted (false for a prefill chunk that is not the last).
+    pub logits: bool,
 }
 
 pub struct FaceLlm {
@@ -68,24 +78,78 @@ impl FaceLlm {
     }
 
     /// Embeddings of `ids` with image features scattered at the `<IMG_CONTEXT>` positions. The number of
-    /// such positions must equal the number of feature rows (HF raises the same way).
+    /// such positions must equal the number of feature rows (HF raises the same way). Without features every
+    /// id keeps its token embedding, as in HF without `pixel_values` (a decode step that sampled
+    /// `<IMG_CONTEXT>` embeds it like any other token).
     pub fn embed_prompt(&self, ids: &[u32], features: Option<&Tensor>) -> Result<Tensor> {
-        let mut e = self.llm.embed(ids)?;
-        let rows: Vec<usize> =
-            ids.iter().enumerate().filter(|(_, &id)| id == self.image_token_id).map(|(i, _)| i).collect();
-        let have = features.map_or(0, |f| f.shape()[0]);
-        if rows.len() != have {
+        let Some(f) = features else { return self.llm.embed(ids) };
+        let count = ids.iter().filter(|&&id| id == self.image_token_id).count();
+        if count != f.shape()[0] {
             return Err(Error::Invalid(format!(
-                "the prompt has {} image tokens but the images give {have} feature rows",
+                "the prompt has {count} image tokens but the images give {} feature rows",
+                f.shape()[0]
+            )));
+        }
+        self.embed_chunk(ids, Some(f))
+    }
+
+    /// Embeddings of a chunk of a sequence: the feature rows replace, in order, the first `rows` of its
+    /// `<IMG_CONTEXT>` tokens (the prompt's); a later one (generated, in a chunk recomputed after a
+    /// preemption) keeps its token embedding. Fewer image tokens than rows is an error.
+    pub fn embed_chunk(&self, ids: &[u32], features: Option<&Tensor>) -> Result<Tensor> {
+        let mut e = self.llm.embed(ids)?;
+        let Some(f) = features else { return Ok(e) };
+        let want = f.shape()[0];
+        let rows: Vec<usize> =
+            ids.iter().enumerate().filter(|(_, &id)| id == self.image_token_id).map(|(i, _)| i).take(want).collect();
+        if rows.len() != want {
+            return Err(Error::Invalid(format!(
+                "the chunk has {} image tokens but {want} feature rows were given",
                 rows.len()
             )));
         }
-        if let Some(f) = features {
-            if !rows.is_empty() {
-                backend::scatter_rows(&mut e, &rows, f)?;
-            }
+        if !rows.is_empty() {
+            backend::scatter_rows(&mut e, &rows, f)?;
         }
         Ok(e)
+    }
+
+    /// Runs every sequence's `inputs[i].ids` in one pass (`Qwen2::forward_batch`, `row_invariant` as
+    /// there), with keys and values in `kv` (one store per input, same order). Returns logits `[n, vocab]`
+    /// of the last token of each input that asks for them, in order (`None` when none does): the lm_head,
+    /// too, runs once for the batch.
+    pub fn forward_batch(
+        &self,
+        inputs: &[BatchInput],
+        kv: &mut dyn BatchKvStore,
+        row_invariant: bool,
+    ) -> Result<Option<Tensor>> {
+        let d = self.llm.params().hidden;
+        let total: usize = inputs.iter().map(|i| i.ids.len()).sum();
+        let mut rows = Vec::with_capacity(total * d);
+        let mut lens = Vec::with_capacity(inputs.len());
+        for (n, input) in inputs.iter().enumerate() {
+            if input.ids.is_empty() {
+                return Err(Error::Invalid(format!("forward_batch: input {n} has no tokens")));
+            }
+            rows.extend_from_slice(self.embed_chunk(input.ids, input.features)?.f32s()?);
+            lens.push(input.ids.len());
+        }
+        let h = self.llm.forward_batch(Tensor::from_f32([total, d], rows)?, &lens, kv, row_invariant, None)?;
+        let h = h.f32s()?;
+        let mut last = Vec::new();
+        let mut end = 0;
+        for (input, len) in inputs.iter().zip(&lens) {
+            end += len;
+            if input.logits {
+                last.extend_from_slice(&h[(end - 1) * d..end * d]);
+            }
+        }
+        if last.is_empty() {
+            return Ok(None);
+        }
+        let last = Tensor::from_f32([last.len() / d, d], last)?;
+        Ok(Some(if row_invariant { self.llm.logits_row_invariant(&last)? } else { self.llm.logits(&last)? }))
     }
 
     /// Runs `ids` (the tokens after what `cache` holds) and returns logits `[ids.len(), vocab]` when

@@ -3,7 +3,7 @@
 use super::{get_shaped, Weights};
 use crate::backend;
 use crate::tensor::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 pub struct Linear {
     /// `[out, in]`, in the checkpoint's dtype.
@@ -27,6 +27,38 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         backend::linear(x, &self.weight, self.bias.as_ref())
     }
+
+    /// `forward`, or with `row_invariant` `linear_row_invariant`: every row exactly as it would be alone.
+    pub fn forward_rows(&self, x: &Tensor, row_invariant: bool) -> Result<Tensor> {
+        if row_invariant {
+            linear_row_invariant(x, &self.weight, self.bias.as_ref())
+        } else {
+            self.forward(x)
+        }
+    }
+}
+
+/// `backend::linear` of `x [m, k]` run in pieces of at most `backend::LINEAR_ROW_INVARIANT_MAX_ROWS` rows,
+/// so that each row's result does not depend on the other rows (a batched step gives every sequence the
+/// numbers it would get alone).
+pub fn linear_row_invariant(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let piece = backend::LINEAR_ROW_INVARIANT_MAX_ROWS;
+    let (m, k) = match x.shape() {
+        &[m, k] => (m, k),
+        other => return Err(Error::Invalid(format!("linear_row_invariant: x must be [m, k], got {other:?}"))),
+    };
+    if m <= piece {
+        return backend::linear(x, w, b);
+    }
+    let data = x.f32s()?;
+    let mut out = Vec::new();
+    let mut n = 0;
+    for rows in data.chunks(piece * k) {
+        let y = backend::linear(&Tensor::from_f32([rows.len() / k, k], rows.to_vec())?, w, b)?;
+        n = y.shape()[1];
+        out.extend_from_slice(y.f32s()?);
+    }
+    Tensor::from_f32([m, n], out)
 }
 
 /// LayerNorm (weight + bias) or RMSNorm (weight only), as the config chooses.

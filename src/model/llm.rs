@@ -106,6 +106,64 @@ pub trait KvStore {
     fn commit(&mut self, t: usize) -> Result<()>;
 }
 
+/// Where a batched pass over several sequences keeps keys and values: sequence `seq` of the batch has its
+/// own positions and its own store. `Qwen2::forward_batch` calls `held` and `reserve` for every sequence,
+/// then per layer `attend` for every sequence in order, and `commit` for every sequence at the end.
+/// Implemented by `KvStores` (independent `KvStore`s) and by `kv::PagedBatch` (many block tables, one pool).
+pub trait BatchKvStore {
+    /// Sequences in the batch.
+    fn seqs(&self) -> usize;
+    /// Tokens sequence `seq` held before this pass: the position of its first token in the pass.
+    fn held(&self, seq: usize) -> usize;
+    fn reserve(&mut self, seq: usize, t: usize) -> Result<()>;
+    /// As `KvStore::attend`, for the `t` rows of sequence `seq` (`q [t, heads, d]`, `k`, `v [t, kv_heads, d]`).
+    fn attend(&mut self, seq: usize, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor>;
+    fn commit(&mut self, seq: usize, t: usize) -> Result<()>;
+}
+
+/// A batch of independent stores, one per sequence (contiguous caches, or paged tables of different pools).
+pub struct KvStores<'s, 'a>(pub &'s mut [&'a mut dyn KvStore]);
+
+impl<'a> KvStores<'_, 'a> {
+    fn store(&mut self, seq: usize) -> Result<&mut (dyn KvStore + 'a)> {
+        let n = self.0.len();
+        match self.0.get_mut(seq) {
+            Some(s) => Ok(&mut **s),
+            None => Err(Error::Invalid(format!("batch kv: sequence {seq} out of range ({n} stores)"))),
+        }
+    }
+}
+
+impl BatchKvStore for KvStores<'_, '_> {
+    fn seqs(&self) -> usize {
+        self.0.len()
+    }
+    fn held(&self, seq: usize) -> usize {
+        self.0.get(seq).map_or(0, |s| s.held())
+    }
+    fn reserve(&mut self, seq: usize, t: usize) -> Result<()> {
+        self.store(seq)?.reserve(t)
+    }
+    fn attend(&mut self, seq: usize, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+        self.store(seq)?.attend(layer, q, k, v, scale)
+    }
+    fn commit(&mut self, seq: usize, t: usize) -> Result<()> {
+        self.store(seq)?.commit(t)
+    }
+}
+
+/// Rows `start..start + n` of `x [rows, ...]` as a tensor of their own (a copy).
+fn take_rows(x: &Tensor, start: usize, n: usize) -> Result<Tensor> {
+    let mut shape = x.shape().to_vec();
+    let row: usize = shape[1..].iter().product();
+    let data = x.f32s()?;
+    let Some(rows) = data.get(start * row..(start + n) * row) else {
+        return Err(Error::Invalid(format!("rows {start}..{} of a tensor {shape:?}", start + n)));
+    };
+    shape[0] = n;
+    Tensor::from_f32(shape, rows.to_vec())
+}
+
 impl KvStore for KvCache {
     fn held(&self) -> usize {
         self.len
@@ -195,43 +253,98 @@ impl Qwen2 {
     }
 
     /// `forward` with keys and values kept in any `KvStore` (a paged cache, for one).
-    pub fn forward_kv(&self, x: Tensor, cache: &mut dyn KvStore, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward_kv(&self, x: Tensor, cache: &mut dyn KvStore, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let t = x.shape().first().copied().unwrap_or(0);
+        let mut one: [&mut dyn KvStore; 1] = [cache];
+        self.forward_batch(x, &[t], &mut KvStores(&mut one), false, trace)
+    }
+
+    /// Several sequences in one pass: `x [Σ lens, hidden]` holds the embeddings of `lens[0]` new tokens of
+    /// sequence 0, then `lens[1]` of sequence 1, and so on; `kv` keeps each sequence's keys and values.
+    /// Norms, projections and the MLP run once over all the rows (a decode step of B sequences reads every
+    /// weight once, not B times); RoPE uses each row's own position and attention runs per sequence over its
+    /// own cache. Returns the final-normed hidden states `[Σ lens, hidden]`, rows in the same order.
+    ///
+    /// With `row_invariant`, the projections run in pieces small enough that every row is computed exactly
+    /// as it would be alone (`backend::LINEAR_ROW_INVARIANT_MAX_ROWS`), so that a sequence's numbers do not
+    /// depend on what else is in the batch; the store must do the same for attention (`kv::PagedBatch`
+    /// does). Without it, larger passes use the faster GEMM path and rows agree with a sequence run alone
+    /// to rounding only (tests/batch_forward.rs measures both).
+    pub fn forward_batch(
+        &self,
+        x: Tensor,
+        lens: &[usize],
+        kv: &mut dyn BatchKvStore,
+        row_invariant: bool,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let p = &self.p;
-        let t = x.shape()[0];
-        let start = cache.held();
-        let total = start + t;
-        if total > p.max_position {
+        let rows = x.shape().first().copied().unwrap_or(0);
+        if lens.len() != kv.seqs() || lens.iter().sum::<usize>() != rows || x.shape() != [rows, p.hidden] {
             return Err(Error::Invalid(format!(
-                "sequence of {total} tokens exceeds the model's context of {} positions",
-                p.max_position
+                "forward_batch: x {:?} must be [sum of lens {lens:?}, {}] with one kv store per sequence ({} given)",
+                x.shape(),
+                p.hidden,
+                kv.seqs()
             )));
         }
-        let positions: Vec<usize> = (start..total).collect();
-        let inv_freq = p.inv_freq(total);
+        let mut positions = Vec::with_capacity(rows);
+        let mut longest = 0;
+        for (seq, &t) in lens.iter().enumerate() {
+            let start = kv.held(seq);
+            let total = start + t;
+            if total > p.max_position {
+                return Err(Error::Invalid(format!(
+                    "sequence of {total} tokens exceeds the model's context of {} positions",
+                    p.max_position
+                )));
+            }
+            positions.extend(start..total);
+            longest = longest.max(total);
+        }
+        // Within the context the frequencies do not depend on the length (dynamic scaling starts past
+        // max_position), so one table serves every sequence of the batch.
+        let inv_freq = p.inv_freq(longest);
         let d = p.head_dim;
         let scale = (d as f32).powf(-0.5);
-        cache.reserve(t)?;
+        for (seq, &t) in lens.iter().enumerate() {
+            kv.reserve(seq, t)?;
+        }
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.hidden.push(x.clone());
             }
+            let inv = row_invariant;
             let y = layer.input_norm.forward(&x)?;
-            let mut q = layer.q.forward(&y)?.reshape([t, p.heads, d])?;
-            let mut k = layer.k.forward(&y)?.reshape([t, p.kv_heads, d])?;
-            let v = layer.v.forward(&y)?.reshape([t, p.kv_heads, d])?;
+            let mut q = layer.q.forward_rows(&y, inv)?.reshape([rows, p.heads, d])?;
+            let mut k = layer.k.forward_rows(&y, inv)?.reshape([rows, p.kv_heads, d])?;
+            let v = layer.v.forward_rows(&y, inv)?.reshape([rows, p.kv_heads, d])?;
             backend::rope(&mut q, &positions, &inv_freq)?;
             backend::rope(&mut k, &positions, &inv_freq)?;
-            let a = cache.attend(i, &q, &k, &v, scale)?;
-            let a = a.reshape([t, p.heads * d])?;
-            let o = layer.o.forward(&a)?;
+            let a = if lens.len() == 1 {
+                kv.attend(0, i, &q, &k, &v, scale)?
+            } else {
+                let mut out = Vec::with_capacity(rows * p.heads * d);
+                let mut r0 = 0;
+                for (seq, &t) in lens.iter().enumerate() {
+                    let (qs, ks, vs) = (take_rows(&q, r0, t)?, take_rows(&k, r0, t)?, take_rows(&v, r0, t)?);
+                    out.extend_from_slice(kv.attend(seq, i, &qs, &ks, &vs, scale)?.f32s()?);
+                    r0 += t;
+                }
+                Tensor::from_f32([rows, p.heads, d], out)?
+            };
+            let a = a.reshape([rows, p.heads * d])?;
+            let o = layer.o.forward_rows(&a, inv)?;
             let y = backend::add_rms_norm(&mut x, &o, &layer.post_norm, p.eps)?;
-            let g = layer.gate.forward(&y)?;
-            let u = layer.up.forward(&y)?;
-            let m = layer.down.forward(&backend::silu_mul(&g, &u)?)?;
+            let g = layer.gate.forward_rows(&y, inv)?;
+            let u = layer.up.forward_rows(&y, inv)?;
+            let m = layer.down.forward_rows(&backend::silu_mul(&g, &u)?, inv)?;
             backend::add_scaled(&mut x, &m, None)?;
         }
-        cache.commit(t)?;
+        for (seq, &t) in lens.iter().enumerate() {
+            kv.commit(seq, t)?;
+        }
         if let Some(tr) = trace {
             tr.hidden.push(x.clone());
         }
@@ -241,5 +354,10 @@ impl Qwen2 {
     /// Logits `[t, vocab]` of final-normed hidden states `[t, hidden]`.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         backend::linear(h, &self.lm_head, None)
+    }
+
+    /// `logits`, every row exactly as it would be alone (`linear_row_invariant`).
+    pub fn logits_row_invariant(&self, h: &Tensor) -> Result<Tensor> {
+        super::linear::linear_row_invariant(h, &self.lm_head, None)
     }
 }

@@ -3,6 +3,8 @@
 //! runtime (transformers >= 4.52) names; the loader maps the legacy on-disk names onto those.
 
 pub mod facellm;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod linear;
 pub mod llm;
 pub mod projector;

@@ -20,7 +20,7 @@ use crate::Result;
 const Q_BLOCK: usize = 128;
 
 /// At most this many query rows use the dot/axpy path.
-const SMALL_TQ: usize = 4;
+pub(crate) const SMALL_TQ: usize = 4;
 
 thread_local! {
     /// Scores of the task's block, then the contiguous copy of its key head.

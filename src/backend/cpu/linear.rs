@@ -23,7 +23,7 @@ use crate::Result;
 /// f32, 896x4864 and 4864x896): the GEMV, which streams the weights once and re-reads L1-resident rows per
 /// group of four inputs, beats widen-then-GEMM up to about 48 rows (2x at 16), since the `gemm` crate is
 /// slow at small m and the widening costs a pass over the weights. Batched decode lands here too.
-const GEMV_MAX_M: usize = 32;
+pub(crate) const GEMV_MAX_M: usize = 32;
 
 /// Weight elements per GEMV task: enough work to amortise a rayon task, small enough to balance.
 const GEMV_TASK_ELEMS: usize = 1 << 16;

@@ -6,14 +6,27 @@
 //! [`Error`]; callers fall back to the CPU or report it. Nothing here runs at build time or needs a GPU to
 //! compile.
 
+pub mod attention;
+pub mod buffer;
+pub mod elementwise;
+pub mod embed;
+pub mod fill;
+pub mod gemm;
+pub mod layernorm;
 pub mod norm;
+pub mod paged_attention;
+pub mod patch_embed;
+pub mod pixel_shuffle;
 pub mod registry;
+pub mod rope_kv;
+pub mod sampling;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 
+pub use gemm::{Blas, LinearShape};
 pub use registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +42,8 @@ pub enum Error {
     NoDevice { ordinal: usize, count: usize },
     #[error("cuda: kernel module `{module}` is not embedded in this binary")]
     MissingModule { module: String },
+    #[error("cuda: cuBLAS: {what}: {msg}")]
+    Blas { what: String, msg: String },
     /// A launcher's shape, length or size check failed.
     #[error("cuda {op}: {msg}")]
     Invalid { op: &'static str, msg: String },
@@ -43,7 +58,7 @@ impl From<Error> for crate::Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Runs a driver call, turning both its error and a panic inside cudarc into an [`Error`].
-pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError>) -> Result<T> {
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> std::result::Result<T, DriverError>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(err)) => Err(Error::Driver { what: what.to_string(), err }),
@@ -91,6 +106,8 @@ pub struct CudaDevice {
     pub stream: Arc<CudaStream>,
     pub info: DeviceInfo,
     pub kernels: Registry,
+    /// cuBLASLt on `stream`, for the dense GEMMs.
+    pub blas: Blas,
 }
 
 impl CudaDevice {
@@ -102,10 +119,24 @@ impl CudaDevice {
         let ctx = guarded("create context", || CudaContext::new(ordinal))?;
         let name = guarded("device name", || ctx.name())?;
         let compute_capability = guarded("compute capability", || ctx.compute_capability())?;
-        let stream = ctx.default_stream();
+        // One stream per device, created (not the legacy default stream) so it can be captured into CUDA graphs;
+        // every buffer lives on that one stream, so cudarc's cross-stream event tracking is pure overhead.
+        // SAFETY: called before any buffer of this context exists; all work goes to `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = guarded("create stream", || ctx.new_stream())?;
         let kernels = Registry::load(&ctx, compute_capability)?;
+        let blas = Blas::new(&stream)?;
         let info = DeviceInfo { ordinal, count, name, compute_capability };
-        Ok(CudaDevice { ctx, stream, info, kernels })
+        Ok(CudaDevice { ctx, stream, info, kernels, blas })
+    }
+
+    /// Device time of the work `f` enqueues, from CUDA events recorded around it (waits for it to finish).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = guarded("record event", || self.stream.record_event(timed))?;
+        f()?;
+        let end = guarded("record event", || self.stream.record_event(timed))?;
+        Ok(guarded("event elapsed", || start.elapsed_ms(&end))? as f64)
     }
 
     pub fn synchronize(&self) -> Result<()> {

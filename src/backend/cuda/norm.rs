@@ -2,7 +2,7 @@
 //! for bf16 activations. Shapes are checked on the host (pure functions, tested without a GPU); the kernel
 //! itself picks its 16-byte vector path or its scalar path from the row length and the pointers' alignment.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{guarded, CudaDevice, Error, Result};
@@ -40,9 +40,9 @@ fn plan(op: &'static str, rows: usize, n: usize, lens: &[(&str, usize, usize)]) 
 /// `out [rows, n] = w * (x * rsqrt(mean(x^2) + eps))`, `x [rows, n]`, `w [n]`, all bf16.
 pub fn rms_norm_bf16(
     dev: &CudaDevice,
-    x: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
     rows: usize,
     n: usize,
     eps: f32,
@@ -67,10 +67,10 @@ pub fn rms_norm_bf16(
 #[allow(clippy::too_many_arguments)]
 pub fn add_rms_norm_bf16(
     dev: &CudaDevice,
-    residual: &mut CudaSlice<bf16>,
-    x: &CudaSlice<bf16>,
-    w: &CudaSlice<bf16>,
-    out: &mut CudaSlice<bf16>,
+    residual: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
     rows: usize,
     n: usize,
     eps: f32,
