@@ -123,6 +123,8 @@ pub fn llm(
     let mut out = Vec::new();
     for (shape, config, src) in targets {
         let (free0, total) = facellm::backend::cuda::guarded("mem_get_info", || dev.ctx.mem_get_info())?;
+        dev.synchronize()?;
+        dev.reset_pool_peak();
         let p = TextParams::from_config(config.text(), config.tie_word_embeddings())?;
         let t0 = Instant::now();
         let model = GpuQwen2::load(src, dev, &p, "model.language_model")?;
@@ -212,7 +214,10 @@ pub fn llm(
             "prefill_512": { "median_ms": pre[pre.len() / 2], "tokens_per_s": 512e3 / pre[pre.len() / 2] },
             "decode": decode,
             "graphs_captured": graphs.captured(),
-            "device_memory_used_gb": (free0 - free1.min(free0)) as f64 / 1e9,
+            // The allocator pool's high watermark: weights, KV cache, workspaces and the vision tower's buffers.
+            "peak_device_memory_gb": dev.pool_peak_bytes().map(|b| b as f64 / 1e9),
+            "kv_cache_gb": kv.bytes() as f64 / 1e9,
+            "device_free_drop_gb": (free0 - free1.min(free0)) as f64 / 1e9,
             "device_memory_total_gb": total as f64 / 1e9,
             "decode_floor_ms_per_step": "weights_gb / copy bandwidth (see top level)",
         }));

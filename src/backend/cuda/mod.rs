@@ -139,6 +139,40 @@ impl CudaDevice {
         Ok(guarded("event elapsed", || start.elapsed_ms(&end))? as f64)
     }
 
+    /// Peak bytes in use in the device's default memory pool (where the stream-ordered allocations of this
+    /// backend come from) since the last [`CudaDevice::reset_pool_peak`]; `None` when the driver has no pools.
+    /// `cuMemGetInfo` cannot give this: memory freed into the pool stays reserved and reused.
+    pub fn pool_peak_bytes(&self) -> Option<u64> {
+        self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+    }
+
+    /// Starts a new peak measurement (best effort).
+    pub fn reset_pool_peak(&self) {
+        let _ = self.pool_attr(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0));
+    }
+
+    fn pool_attr(&self, attr: cudarc::driver::sys::CUmemPool_attribute, set: Option<u64>) -> Option<u64> {
+        use cudarc::driver::sys;
+        let run = || -> Option<u64> {
+            self.ctx.bind_to_thread().ok()?;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut value: u64 = set.unwrap_or(0);
+            // SAFETY: plain driver queries on this context's device; `value` is the u64 (cuuint64_t) that the
+            // USED_MEM_HIGH attribute reads and writes.
+            unsafe {
+                sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()).result().ok()?;
+                let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+                match set {
+                    Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr).result().ok()?,
+                    None => sys::cuMemPoolGetAttribute(pool, attr, ptr).result().ok()?,
+                }
+            }
+            Some(value)
+        };
+        // A driver without the pool entry points makes cudarc's loader panic: that is a `None` too.
+        catch_unwind(AssertUnwindSafe(run)).ok().flatten()
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         guarded("synchronize", || self.stream.synchronize())
     }
