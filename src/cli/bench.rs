@@ -57,6 +57,20 @@ pub struct Args {
     threads: Option<usize>,
 }
 
+/// The published config carrying the vision tower `shape` (300m: FaceLLM-1B's, 6b: FaceLLM-38B's) and its
+/// parameters.
+pub fn vision_shape(shape: &str) -> anyhow::Result<(ModelConfig, VisionParams)> {
+    let size = match shape {
+        "300m" => "1b",
+        "6b" => "38b",
+        other => anyhow::bail!("unknown vision shape `{other}` (expected 300m or 6b)"),
+    };
+    let config = ModelConfig::from_json_str("published config", &published_config_json(size)?)?;
+    let vc = config.vision().ok_or_else(|| anyhow::anyhow!("no vision config"))?;
+    let params = VisionParams::from_config(vc)?;
+    Ok((config, params))
+}
+
 /// The deterministic prompt both this bench and the HF script feed: ids spread over the vocabulary.
 pub fn bench_ids(n: usize) -> Vec<u32> {
     (0..n).map(|i| 1000 + ((i as u64 * 7919) % 100_000) as u32).collect()
@@ -104,14 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut vision_runs = Vec::new();
     for shape in &args.vision {
         for &n in &args.tiles {
-            let size = match shape.as_str() {
-                "300m" => "1b",
-                "6b" => "38b",
-                other => anyhow::bail!("unknown vision shape `{other}` (expected 300m or 6b)"),
-            };
-            let config = ModelConfig::from_json_str("published config", &published_config_json(size)?)?;
-            let vc = config.vision().ok_or_else(|| anyhow::anyhow!("no vision config"))?;
-            let params = VisionParams::from_config(vc)?;
+            let (config, params) = vision_shape(shape)?;
             let tower = VisionTower::load(&RandomWeights::for_config(&config, "bench"), &params)?;
             let px: Vec<f32> = facellm::model::random::values_bf16(7, n * 3 * 448 * 448, 2.0, 0.0)
                 .iter()

@@ -9,7 +9,6 @@ use facellm::backend::cuda::{buffer, CudaDevice};
 use facellm::config::ModelConfig;
 use facellm::model::gpu::vision::{GpuVision, VisionWorkspace};
 use facellm::model::gpu::WeightSource;
-use facellm::model::random::published_config_json;
 use facellm::model::vision::VisionParams;
 use half::bf16;
 use serde_json::{json, Value};
@@ -58,14 +57,7 @@ pub fn copy_bandwidth(dev: &CudaDevice) -> anyhow::Result<f64> {
 pub fn vision(dev: &CudaDevice, shapes: &[String], tiles: &[usize], repeat: usize) -> anyhow::Result<Value> {
     let mut out = Vec::new();
     for shape in shapes {
-        let size = match shape.as_str() {
-            "300m" => "1b",
-            "6b" => "38b",
-            other => anyhow::bail!("unknown vision shape `{other}` (expected 300m or 6b)"),
-        };
-        let config = ModelConfig::from_json_str("published config", &published_config_json(size)?)?;
-        let vc = config.vision().ok_or_else(|| anyhow::anyhow!("no vision config"))?;
-        let params = VisionParams::from_config(vc)?;
+        let (config, params) = super::bench::vision_shape(shape)?;
         let src = WeightSource::DeviceRandom { case: format!("bench-{shape}") };
         let t0 = std::time::Instant::now();
         let model = GpuVision::load(&src, dev, &params, config.text().hidden_size)?;

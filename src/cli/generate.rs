@@ -5,7 +5,7 @@
 
 use clap::ValueEnum;
 use facellm::engine::generate;
-use facellm::tokenizer::{ChatOptions, Message};
+use facellm::tokenizer::{ChatOptions, Message, Prompt, Tokenizer};
 use serde_json::json;
 
 use super::common::{load_model, preprocess_images, select_device, stdout_streamer, user_turn, Device, RequestArgs};
@@ -27,6 +27,16 @@ pub struct Args {
     output: Output,
 }
 
+/// The rendered chat prompt of the request: an optional system turn, then the user turn with its images.
+fn chat_prompt(args: &Args, tokenizer: &Tokenizer, tiles: &[usize]) -> anyhow::Result<Prompt> {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.request.system {
+        messages.push(Message::text("system", system.clone()));
+    }
+    messages.push(user_turn(args.request.images.len(), &args.prompt));
+    Ok(tokenizer.encode_chat(&messages, tiles, &ChatOptions::default())?)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let req = &args.request;
     if matches!(req.device, Device::Cuda) {
@@ -35,12 +45,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     select_device(req.device)?;
     let loaded = load_model(&req.model)?;
     let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
-    let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        messages.push(Message::text("system", system.clone()));
-    }
-    messages.push(user_turn(req.images.len(), &args.prompt));
-    let prompt = loaded.tokenizer.encode_chat(&messages, &tiles, &ChatOptions::default())?;
+    let prompt = chat_prompt(&args, &loaded.tokenizer, &tiles)?;
     let opts = req.generate_options(&loaded.generation)?;
     let tok = &loaded.tokenizer;
     let decode = |ids: &[u32]| tok.decode(ids, true);
@@ -85,7 +90,6 @@ fn run_cuda(args: &Args) -> anyhow::Result<()> {
     use facellm::config::GenerationConfig;
     use facellm::engine::gpu::{GpuGenerator, GpuOptions, GpuRequest};
     use facellm::model::gpu::WeightSource;
-    use facellm::tokenizer::Tokenizer;
     use std::time::Instant;
 
     let req = &args.request;
@@ -99,12 +103,7 @@ fn run_cuda(args: &Args) -> anyhow::Result<()> {
     let mut gen = GpuGenerator::load(&dev, &config, &WeightSource::Host(&ckpt), opts)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
-    let mut messages = Vec::new();
-    if let Some(system) = &req.system {
-        messages.push(Message::text("system", system.clone()));
-    }
-    messages.push(user_turn(req.images.len(), &args.prompt));
-    let prompt = tokenizer.encode_chat(&messages, &tiles, &ChatOptions::default())?;
+    let prompt = chat_prompt(args, &tokenizer, &tiles)?;
     let pixels = pixels.map(|t| {
         let n = t.shape()[0];
         (t.into_f32_vec(), n)

@@ -18,7 +18,7 @@
 //! - paged decode: atol 4e-3 + rtol 8e-3: P stays fp32, only the output rounding remains (measured 2e-3).
 //! - write_kv: a copy, exact.
 
-use cudarc::driver::{CudaSlice, CudaViewMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::bf16;
 
 use super::KernelCase;
@@ -27,7 +27,7 @@ use crate::backend::cuda::attention::{self, AttnShape, PagedPrefillInputs, Paged
 use crate::backend::cuda::paged_attention::{self, AttnVersion, DecodeInputs, DecodeShape, WriteKvShape};
 use crate::backend::cuda::{buffer, CudaDevice, Result};
 use crate::kv::{KvLayer, KvLayerMut};
-use crate::selfcheck::{widen, Report, Rng, Row};
+use crate::selfcheck::{widen, Report, Rng};
 use crate::tensor::Tensor;
 
 const PAGE: usize = 16;
@@ -36,35 +36,7 @@ const FLASH_RTOL: f64 = 1e-2;
 const DECODE_ATOL: f64 = 4e-3;
 const DECODE_RTOL: f64 = 8e-3;
 
-type Check = crate::Result<()>;
-
-fn check(report: &mut Report, op: &str, shape: &str, body: impl FnOnce(&mut Report) -> Check) {
-    if let Err(e) = body(report) {
-        report.error(op, shape, e);
-    }
-}
-
-/// A pass/fail row for a property that is not an elementwise difference.
-fn verdict(report: &mut Report, op: &str, shape: &str, pass: bool, note: String) {
-    report.rows.push(Row {
-        op: op.to_string(),
-        shape: shape.to_string(),
-        max_abs: 0.0,
-        max_rel: 0.0,
-        atol: 0.0,
-        rtol: 0.0,
-        pass,
-        note: if pass { String::new() } else { note },
-    });
-}
-
-fn up<T: DeviceRepr>(dev: &CudaDevice, host: &[T]) -> crate::Result<CudaSlice<T>> {
-    Ok(buffer::upload(dev, host)?)
-}
-
-fn down<T: DeviceRepr + Clone + Default>(dev: &CudaDevice, buf: &CudaSlice<T>) -> crate::Result<Vec<T>> {
-    Ok(buffer::download(dev, buf)?)
-}
+use super::{check, down, up, verdict};
 
 /// Columns `col..col + width` of `rows` rows `ld` apart, widened to f32.
 fn gather(x: &[bf16], rows: usize, ld: usize, col: usize, width: usize) -> Vec<f32> {

@@ -28,7 +28,7 @@ use crate::backend::cuda::embed::{self, ERR_BAD_KV_SLOT, ERR_BAD_SCATTER_ROW, ER
 use crate::backend::cuda::rope_kv::{self, RopeKvInputs, RopeKvOutputs, RopeKvShape};
 use crate::backend::cuda::sampling::{self, LogitElem, RowSampling, SampleParams};
 use crate::backend::cuda::{CudaDevice, Result};
-use crate::selfcheck::{widen, Report, Rng, Row};
+use crate::selfcheck::{widen, Report, Rng};
 use crate::tensor::Tensor;
 
 const QWEN_THETA: f32 = 1_000_000.0;
@@ -36,35 +36,7 @@ const VOCAB_PADDED: usize = 151_936;
 const VOCAB: usize = 151_674;
 const BLOCK_SIZE: usize = 16;
 
-type Check = crate::Result<()>;
-
-fn check(report: &mut Report, op: &str, shape: &str, body: impl FnOnce(&mut Report) -> Check) {
-    if let Err(e) = body(report) {
-        report.error(op, shape, e);
-    }
-}
-
-/// A pass/fail row for a property that is not an elementwise difference.
-fn verdict(report: &mut Report, op: &str, shape: &str, pass: bool, note: String) {
-    report.rows.push(Row {
-        op: op.to_string(),
-        shape: shape.to_string(),
-        max_abs: 0.0,
-        max_rel: 0.0,
-        atol: 0.0,
-        rtol: 0.0,
-        pass,
-        note: if pass { String::new() } else { note },
-    });
-}
-
-fn up<T: DeviceRepr>(dev: &CudaDevice, host: &[T]) -> crate::Result<CudaSlice<T>> {
-    Ok(buffer::upload(dev, host)?)
-}
-
-fn down<T: DeviceRepr + Clone + Default>(dev: &CudaDevice, buf: &CudaSlice<T>) -> crate::Result<Vec<T>> {
-    Ok(buffer::download(dev, buf)?)
-}
+use super::{check, down, up, verdict};
 
 fn zeros<T: DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice, n: usize) -> crate::Result<CudaSlice<T>> {
     Ok(buffer::zeros(dev, n)?)

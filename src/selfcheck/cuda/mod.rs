@@ -11,9 +11,43 @@ pub mod llm_kernels;
 pub mod models;
 pub mod norm;
 
-use crate::backend::cuda::CudaDevice;
+use cudarc::driver::{CudaSlice, DeviceRepr};
 
-use super::{Report, Rng};
+use crate::backend::cuda::{buffer, CudaDevice};
+
+use super::{Report, Rng, Row};
+
+/// What a check's body returns: any error becomes a failing row naming it.
+pub(crate) type Check = crate::Result<()>;
+
+/// Runs `body`, recording its error (a launcher refusing valid input, a driver failure) as a failing row.
+pub(crate) fn check(report: &mut Report, op: &str, shape: &str, body: impl FnOnce(&mut Report) -> Check) {
+    if let Err(e) = body(report) {
+        report.error(op, shape, e);
+    }
+}
+
+/// A pass/fail row for a property that is not an elementwise difference.
+pub(crate) fn verdict(report: &mut Report, op: &str, shape: &str, pass: bool, note: String) {
+    report.rows.push(Row {
+        op: op.to_string(),
+        shape: shape.to_string(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        atol: 0.0,
+        rtol: 0.0,
+        pass,
+        note: if pass { String::new() } else { note },
+    });
+}
+
+pub(crate) fn up<T: DeviceRepr>(dev: &CudaDevice, host: &[T]) -> crate::Result<CudaSlice<T>> {
+    Ok(buffer::upload(dev, host)?)
+}
+
+pub(crate) fn down<T: DeviceRepr + Clone + Default>(dev: &CudaDevice, buf: &CudaSlice<T>) -> crate::Result<Vec<T>> {
+    Ok(buffer::download(dev, buf)?)
+}
 
 /// Runs every check whose op name contains `filter` (all when `None`).
 pub fn run_all(dev: &CudaDevice, report: &mut Report, seed: u64, filter: Option<&str>) {
