@@ -15,6 +15,9 @@
 //   flash_attn_fwd_causal_hd*_bf16   causal, query i at key position q_offset + i (prefill, cached prefix)
 //   flash_attn_paged_prefill_hd*_bf16 causal over several sequences whose keys and values are read from the
 //                                    paged KV cache (layout of src/kv/mod.rs, block size kPage)
+// Faster-candidate twins of the dense kernels, same contracts and per-row arithmetic (launcher: FACELLM_FLASH):
+//   flash_attn_fwd_v2[_causal]_hd*_bf16  4 warps x 16 rows per block, several blocks resident per SM
+//   flash_attn_fwd_v3[_causal]_hd64_bf16 4 warps x 32 rows per block (each K/V fragment feeds two row tiles)
 // Global reads of K/V rows past the end of the keys are never issued (the rows are zero-filled), so a paged
 // cache's unused slots (NaN in the self-check) are never touched.
 //
@@ -32,10 +35,22 @@ constexpr int kBlockN = 64;           // keys per shared-memory tile
 constexpr int kPage = 16;             // tokens per paged KV block (must equal the Rust side's check)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Dynamic shared memory of one block: Q tile, then K and V tiles, two buffers each.
-template <int D>
+// v2 (flash_attn_fwd_v2_*): the same tile loop with 4 warps, 64 query rows per block, and launch bounds that
+// ask for several resident blocks per SM (v1's 8-warp blocks fit once per SM at head dim 64, limited by
+// registers), so one block's barriers and loads overlap another block's math, and the 1025-row tail wastes
+// 63 rows instead of 127.
+constexpr int kWarpsV2 = 4;
+constexpr int kMinBlocksV2Hd64 = 3;   // <= 168 registers (4 blocks, <= 128, spills)
+constexpr int kMinBlocksV2Hd128 = 2;  // <= 255 registers, 2 x 80 KiB shared memory
+// v3 (flash_attn_fwd_v3_*, head dim 64 only): 4 warps of 32 query rows (attend_block_mt, MT = 2), 128 rows and
+// 48 KiB per block, 2 blocks per SM.
+constexpr int kMtV3 = 2;
+constexpr int kMinBlocksV3Hd64 = 2;
+
+// Dynamic shared memory of one block of WARPS warps: Q tile, then K and V tiles, two buffers each.
+template <int D, int WARPS = kWarps>
 constexpr int smem_bytes() {
-    return (kBlockM * D + 4 * kBlockN * D) * 2;
+    return (16 * WARPS * D + 4 * kBlockN * D) * 2;
 }
 
 // PTX helpers. A host-side emulator of these few warp-level instructions may define FACELLM_HOST_EMU and
@@ -106,14 +121,14 @@ __device__ inline int swz(int r, int c) {
 
 // Copies rows [0, ROWS) of a tile into swizzled shared memory; rows >= valid_rows become zeros. `row_ptr(r)`
 // gives the global address of row r (called only for valid rows and row 0). valid_rows >= 1. vec: 16-byte
-// cp.async, else scalar loads.
-template <int D, int ROWS, class RowPtr>
+// cp.async, else scalar loads. THREADS: the block size.
+template <int D, int ROWS, int THREADS, class RowPtr>
 __device__ inline void load_tile(__nv_bfloat16* s, int valid_rows, bool vec, const RowPtr& row_ptr) {
     constexpr int kChunks = D / 8;
-    static_assert((ROWS * kChunks) % kThreads == 0, "tile chunks must split evenly over the block");
+    static_assert((ROWS * kChunks) % THREADS == 0, "tile chunks must split evenly over the block");
 #pragma unroll
-    for (int k = 0; k < ROWS * kChunks / kThreads; ++k) {
-        const int i = threadIdx.x + k * kThreads;
+    for (int k = 0; k < ROWS * kChunks / THREADS; ++k) {
+        const int i = threadIdx.x + k * THREADS;
         const int r = i / kChunks;
         const int c = i % kChunks;
         __nv_bfloat16* dst = s + swz<D>(r, c);
@@ -159,19 +174,21 @@ struct PagedKv {
     __device__ const __nv_bfloat16* v_row(int j) const { return v + off(j); }
 };
 
-// One block's work: query rows [m0, m0 + kBlockM) of one (sequence, head). q and o point at row 0 of the
+// One block's work: query rows [m0, m0 + 16 * WARPS) of one (sequence, head). q and o point at row 0 of the
 // sequence and the head's column; rows are ld_q / ld_o apart. Query i sees keys [0, tk) (bidirectional) or
-// [0, min(q_offset + i + 1, tk)) (causal).
-template <int D, bool CAUSAL, class Kv>
+// [0, min(q_offset + i + 1, tk)) (causal). WARPS: kWarps (v1) or kWarpsV2 (v2).
+template <int D, bool CAUSAL, class Kv, int WARPS = kWarps>
 __device__ inline void attend_block(const __nv_bfloat16* __restrict__ q, int ld_q, __nv_bfloat16* __restrict__ o,
                                     int ld_o, const Kv& kv, int tq, int tk, int q_offset, int m0, float scale,
                                     bool vec) {
     constexpr int kChunks = D / 8;
     constexpr int kTile = kBlockN * D;
+    constexpr int kRows = 16 * WARPS;  // this block's query rows (kBlockM for v1)
+    constexpr int kBlockThreads = 32 * WARPS;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    __nv_bfloat16* sK = sQ + kBlockM * D;  // two tiles
-    __nv_bfloat16* sV = sK + 2 * kTile;    // two tiles
+    __nv_bfloat16* sK = sQ + kRows * D;  // two tiles
+    __nv_bfloat16* sV = sK + 2 * kTile;  // two tiles
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -182,17 +199,20 @@ __device__ inline void attend_block(const __nv_bfloat16* __restrict__ q, int ld_
     const float scale_log2 = scale * kLog2e;
 
     // Keys past kv_end are invisible to every row of the block.
-    const int kv_end = CAUSAL ? min(tk, q_offset + min(m0 + kBlockM, tq)) : tk;
+    const int kv_end = CAUSAL ? min(tk, q_offset + min(m0 + kRows, tq)) : tk;
     const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
     auto load_kv = [&](int tile, int buf) {
         const int n0 = tile * kBlockN;
         const int valid = min(kBlockN, tk - n0);
-        load_tile<D, kBlockN>(sK + buf * kTile, valid, vec, [&](int r) { return kv.k_row(n0 + r); });
-        load_tile<D, kBlockN>(sV + buf * kTile, valid, vec, [&](int r) { return kv.v_row(n0 + r); });
+        const auto k_row = [&](int r) { return kv.k_row(n0 + r); };
+        const auto v_row = [&](int r) { return kv.v_row(n0 + r); };
+        load_tile<D, kBlockN, kBlockThreads>(sK + buf * kTile, valid, vec, k_row);
+        load_tile<D, kBlockN, kBlockThreads>(sV + buf * kTile, valid, vec, v_row);
     };
 
-    load_tile<D, kBlockM>(sQ, tq - m0, vec, [&](int r) { return q + static_cast<size_t>(m0 + r) * ld_q; });
+    load_tile<D, kRows, kBlockThreads>(sQ, tq - m0, vec,
+                                       [&](int r) { return q + static_cast<size_t>(m0 + r) * ld_q; });
     if (n_tiles > 0) {
         load_kv(0, 0);
     }
@@ -375,11 +395,249 @@ __device__ inline void attend_block(const __nv_bfloat16* __restrict__ q, int ld_
     }
 }
 
+// v3: attend_block with MT = 2 m-tiles (32 query rows) per warp. Each K and V fragment a warp loads with
+// ldmatrix feeds MT times as many mma instructions, halving shared-memory read traffic per flop (as
+// FlashAttention-2 does with 4 warps x 32 rows), at the cost of MT times the Q, score and accumulator
+// registers. Same per-row arithmetic as attend_block. MT = 1 would be attend_block<.., WARPS> itself.
+template <int D, bool CAUSAL, int WARPS, int MT>
+__device__ inline void attend_block_mt(const __nv_bfloat16* __restrict__ q, int ld_q, __nv_bfloat16* __restrict__ o,
+                                       int ld_o, const DenseKv& kv, int tq, int tk, int q_offset, int m0,
+                                       float scale, bool vec) {
+    constexpr int kChunks = D / 8;
+    constexpr int kTile = kBlockN * D;
+    constexpr int kWarpRows = 16 * MT;
+    constexpr int kRows = kWarpRows * WARPS;
+    constexpr int kBlockThreads = 32 * WARPS;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* sQ = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* sK = sQ + kRows * D;  // two tiles
+    __nv_bfloat16* sV = sK + 2 * kTile;  // two tiles
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;
+    const int t4 = lane % 4;
+    const int row_w = m0 + kWarpRows * warp;  // first query row of this warp
+    const bool warp_live = row_w < tq;
+    const float scale_log2 = scale * kLog2e;
+
+    const int kv_end = CAUSAL ? min(tk, q_offset + min(m0 + kRows, tq)) : tk;
+    const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
+
+    auto load_kv = [&](int tile, int buf) {
+        const int n0 = tile * kBlockN;
+        const int valid = min(kBlockN, tk - n0);
+        const auto k_row = [&](int r) { return kv.k_row(n0 + r); };
+        const auto v_row = [&](int r) { return kv.v_row(n0 + r); };
+        load_tile<D, kBlockN, kBlockThreads>(sK + buf * kTile, valid, vec, k_row);
+        load_tile<D, kBlockN, kBlockThreads>(sV + buf * kTile, valid, vec, v_row);
+    };
+
+    load_tile<D, kRows, kBlockThreads>(sQ, tq - m0, vec,
+                                       [&](int r) { return q + static_cast<size_t>(m0 + r) * ld_q; });
+    if (n_tiles > 0) {
+        load_kv(0, 0);
+    }
+    cp_async_commit();
+
+    uint32_t qf[MT][D / 16][4];
+    float acc[MT][D / 8][4];
+    float row_max[MT][2];
+    float row_sum[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                acc[mt][i][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_max[mt][r] = -INFINITY;
+            row_sum[mt][r] = 0.0f;
+        }
+    }
+
+    for (int tile = 0; tile < n_tiles; ++tile) {
+        if (tile + 1 < n_tiles) {
+            load_kv(tile + 1, (tile + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        if (tile == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const int row = kWarpRows * warp + 16 * mt + (lane & 15);
+                    ldmatrix_x4(qf[mt][kk], sQ + swz<D>(row, 2 * kk + (lane >> 4)));
+                }
+            }
+        }
+        const int n0 = tile * kBlockN;
+        const bool work = warp_live && (!CAUSAL || n0 <= q_offset + row_w + kWarpRows - 1);
+        if (work) {
+            const __nv_bfloat16* k_s = sK + (tile & 1) * kTile;
+            const __nv_bfloat16* v_s = sV + (tile & 1) * kTile;
+
+            float s[MT][kBlockN / 8][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int nb = 0; nb < kBlockN / 8; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        s[mt][nb][e] = 0.0f;
+                    }
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int np = 0; np < kBlockN / 16; ++np) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, k_s + swz<D>(16 * np + (lane & 7) + 8 * (lane >> 4), 2 * kk + ((lane >> 3) & 1)));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16_16816(s[mt][2 * np], qf[mt][kk], b[0], b[1]);
+                        mma_bf16_16816(s[mt][2 * np + 1], qf[mt][kk], b[2], b[3]);
+                    }
+                }
+            }
+
+            const bool need_mask = n0 + kBlockN > tk || (CAUSAL && n0 + kBlockN - 1 > q_offset + row_w);
+            if (need_mask) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int row = row_w + 16 * mt + g + 8 * r;
+                        const int limit = CAUSAL ? min(tk, q_offset + row + 1) : tk;
+#pragma unroll
+                        for (int nb = 0; nb < kBlockN / 8; ++nb) {
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                if (n0 + 8 * nb + 2 * t4 + e >= limit) {
+                                    s[mt][nb][2 * r + e] = -INFINITY;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int nb = 0; nb < kBlockN / 8; ++nb) {
+                        mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+                    }
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = fmaxf(row_max[mt][r], mx);
+                    const float m_scaled = m_new == -INFINITY ? 0.0f : m_new * scale_log2;
+                    const float alpha = exp2f(row_max[mt][r] * scale_log2 - m_scaled);
+                    row_max[mt][r] = m_new;
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int nb = 0; nb < kBlockN / 8; ++nb) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float p = exp2f(fmaf(s[mt][nb][2 * r + e], scale_log2, -m_scaled));
+                            s[mt][nb][2 * r + e] = p;
+                            sum += p;
+                        }
+                    }
+                    row_sum[mt][r] = row_sum[mt][r] * alpha + sum;
+#pragma unroll
+                    for (int db = 0; db < D / 8; ++db) {
+                        acc[mt][db][2 * r] *= alpha;
+                        acc[mt][db][2 * r + 1] *= alpha;
+                    }
+                }
+            }
+
+#pragma unroll
+            for (int kc = 0; kc < kBlockN / 16; ++kc) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = pack_bf16x2(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                    a[mt][1] = pack_bf16x2(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                    a[mt][2] = pack_bf16x2(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                    a[mt][3] = pack_bf16x2(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(
+                        b, v_s + swz<D>(16 * kc + (lane & 7) + 8 * ((lane >> 3) & 1), 2 * dp + (lane >> 4)));
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16_16816(acc[mt][2 * dp], a[mt], b[0], b[1]);
+                        mma_bf16_16816(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    if (!warp_live) {
+        return;
+    }
+    // Stage the warp's kWarpRows rows in its own rows of sQ (read only by this warp's tile-0 ldmatrix).
+    __nv_bfloat16* stage = sQ + kWarpRows * warp * D;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = row_sum[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+            for (int db = 0; db < D / 8; ++db) {
+                const uint32_t v = pack_bf16x2(acc[mt][db][2 * r] * inv, acc[mt][db][2 * r + 1] * inv);
+                *reinterpret_cast<uint32_t*>(stage + swz<D>(16 * mt + g + 8 * r, db) + 2 * t4) = v;
+            }
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kWarpRows * kChunks / 32; ++k) {
+        const int i = lane + 32 * k;
+        const int r = i / kChunks;
+        const int c = i % kChunks;
+        const int row = row_w + r;
+        if (row < tq) {
+            const __nv_bfloat16* src = stage + swz<D>(r, c);
+            __nv_bfloat16* dst = o + static_cast<size_t>(row) * ld_o + 8 * c;
+            if (vec) {
+                facellm::store_bf16x8(dst, facellm::load_bf16x8(src));
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    dst[e] = src[e];
+                }
+            }
+        }
+    }
+}
+
 __device__ inline bool strides_vec(int a, int b, int c, int d) {
     return ((a | b | c | d) & 7) == 0;
 }
 
-template <int D, bool CAUSAL>
+template <int D, bool CAUSAL, int WARPS = kWarps, int MT = 1>
 __device__ inline void fwd(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                            const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q, int ld_k,
                            int ld_v, int ld_o, int tq, int tk, int hq, int hk, int q_offset, float scale) {
@@ -393,8 +651,13 @@ __device__ inline void fwd(const __nv_bfloat16* __restrict__ q, const __nv_bfloa
     const size_t q_row0 = static_cast<size_t>(b) * tq;
     const size_t k_row0 = static_cast<size_t>(b) * tk;
     const DenseKv kv{k + k_row0 * ld_k + kvh * D, v + k_row0 * ld_v + kvh * D, ld_k, ld_v};
-    attend_block<D, CAUSAL>(q + q_row0 * ld_q + h * D, ld_q, o + q_row0 * ld_o + h * D, ld_o, kv, tq, tk,
-                            q_offset, m_block * kBlockM, scale, vec);
+    if constexpr (MT == 1) {
+        attend_block<D, CAUSAL, DenseKv, WARPS>(q + q_row0 * ld_q + h * D, ld_q, o + q_row0 * ld_o + h * D, ld_o,
+                                                kv, tq, tk, q_offset, m_block * 16 * WARPS, scale, vec);
+    } else {
+        attend_block_mt<D, CAUSAL, WARPS, MT>(q + q_row0 * ld_q + h * D, ld_q, o + q_row0 * ld_o + h * D, ld_o, kv,
+                                              tq, tk, q_offset, m_block * 16 * MT * WARPS, scale, vec);
+    }
 }
 
 template <int D>
@@ -514,4 +777,56 @@ extern "C" __global__ void __launch_bounds__(kThreads) flash_attn_paged_prefill_
     const uint32_t* __restrict__ context_lens, int total_q, int num_blocks, int hq, int hk, float scale) {
     paged_prefill<128>(q, k_cache, v_cache, o, ld_q, ld_o, block_tables, max_blocks, cu_q, context_lens, total_q,
                        num_blocks, hq, hk, scale);
+}
+
+// flash_attn_fwd_v2_hd{64,128}_bf16 and flash_attn_fwd_v2_causal_hd{64,128}_bf16: the same contracts, arguments
+// and results (same per-row arithmetic) as the v1 kernels above, with blocks of 4 warps and 64 query rows:
+// grid (ceil(tq / 64), hq, batch), block 128, dynamic shared memory smem_bytes<D, kWarpsV2>() (40 KiB for D 64,
+// 80 KiB for D 128). Launch bounds ask for 4 (D 64) or 2 (D 128) resident blocks per SM.
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV2Hd64)
+    flash_attn_fwd_v2_hd64_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, float scale) {
+    fwd<64, false, kWarpsV2>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, 0, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV2Hd128)
+    flash_attn_fwd_v2_hd128_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                 const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                 int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, float scale) {
+    fwd<128, false, kWarpsV2>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, 0, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV2Hd64)
+    flash_attn_fwd_v2_causal_hd64_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                       const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                       int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, int q_offset,
+                                       float scale) {
+    fwd<64, true, kWarpsV2>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, q_offset, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV2Hd128)
+    flash_attn_fwd_v2_causal_hd128_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                        const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                        int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, int q_offset,
+                                        float scale) {
+    fwd<128, true, kWarpsV2>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, q_offset, scale);
+}
+
+// flash_attn_fwd_v3_hd64_bf16 and flash_attn_fwd_v3_causal_hd64_bf16: the v1/v2 contracts and arguments, blocks
+// of 4 warps x 32 query rows: grid (ceil(tq / 128), hq, batch), block 128, dynamic shared memory
+// smem_bytes<64, kWarpsV2 * kMtV3>() (48 KiB).
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV3Hd64)
+    flash_attn_fwd_v3_hd64_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, float scale) {
+    fwd<64, false, kWarpsV2, kMtV3>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, 0, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * kWarpsV2, kMinBlocksV3Hd64)
+    flash_attn_fwd_v3_causal_hd64_bf16(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                                       const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ o, int ld_q,
+                                       int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk, int q_offset,
+                                       float scale) {
+    fwd<64, true, kWarpsV2, kMtV3>(q, k, v, o, ld_q, ld_k, ld_v, ld_o, tq, tk, hq, hk, q_offset, scale);
 }

@@ -6,6 +6,11 @@
 //! fused `[tokens, (hq + 2 hk) d]` QKV buffer: row `i` of sequence `b`, head `j` of q starts at
 //! `(b * tq + i) * ld_q + j * d` of its view. Shapes are checked here by pure functions (unit-tested without a
 //! GPU); the kernels choose their 16-byte or scalar paths from the pointers' alignment themselves.
+//!
+//! The dense kernels come in versions with the same contract and per-row arithmetic ([`FlashVersion`]): v1 (the
+//! verified default, blocks of 8 warps x 16 query rows), v2 (4 warps x 16 rows, several blocks resident per SM)
+//! and v3 (head dim 64: 4 warps x 32 rows; head dim 128 runs v2), picked with `FACELLM_FLASH=v2` or `v3` (read
+//! once). Paged prefill has one version.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
@@ -25,9 +30,60 @@ pub const PAGE: usize = 16;
 const MAX_DIM: usize = 1 << 30;
 const MAX_GRID_YZ: usize = 65535;
 
+/// Query rows per v2 block (`16 * kWarpsV2`) and per v3 block (`16 * kWarpsV2 * kMtV3`); both run 4 warps.
+const V2_BLOCK_M: usize = 64;
+const V3_BLOCK_M: usize = 128;
+const V2_THREADS: u32 = 128;
+
 /// Dynamic shared memory of one block: a Q tile and two K and two V tiles, bf16.
 pub fn smem_bytes(head_dim: usize) -> usize {
-    (BLOCK_M * head_dim + 4 * BLOCK_N * head_dim) * 2
+    smem_bytes_rows(BLOCK_M, head_dim)
+}
+
+fn smem_bytes_rows(block_m: usize, head_dim: usize) -> usize {
+    (block_m * head_dim + 4 * BLOCK_N * head_dim) * 2
+}
+
+/// Which dense flash kernels [`flash_attn_bf16`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashVersion {
+    /// Blocks of 8 warps and 128 query rows (the first verified kernels, the default).
+    V1,
+    /// Blocks of 4 warps and 64 query rows, launch bounds for 3 (head dim 64) or 2 (128) blocks per SM.
+    V2,
+    /// Head dim 64: blocks of 4 warps of 32 query rows (each K/V fragment feeds two row tiles), 2 blocks per SM.
+    /// Head dim 128: the v2 kernels.
+    V3,
+}
+
+impl FlashVersion {
+    pub fn label(self) -> &'static str {
+        match self {
+            FlashVersion::V1 => "v1",
+            FlashVersion::V2 => "v2",
+            FlashVersion::V3 => "v3",
+        }
+    }
+
+    /// Query rows and threads per block at `head_dim`.
+    fn block(self, head_dim: usize) -> (usize, u32) {
+        match (self, head_dim) {
+            (FlashVersion::V1, _) => (BLOCK_M, THREADS),
+            (FlashVersion::V3, 64) => (V3_BLOCK_M, V2_THREADS),
+            _ => (V2_BLOCK_M, V2_THREADS),
+        }
+    }
+}
+
+/// The dense kernels [`flash_attn_bf16`] launches: v1, or v2 / v3 when the environment variable `FACELLM_FLASH`
+/// is `v2` / `v3` (read once).
+pub fn flash_version() -> FlashVersion {
+    static VERSION: std::sync::OnceLock<FlashVersion> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| match std::env::var("FACELLM_FLASH").as_deref() {
+        Ok("v2") => FlashVersion::V2,
+        Ok("v3") => FlashVersion::V3,
+        _ => FlashVersion::V1,
+    })
 }
 
 /// Dense attention shape: `batch` sequences of `tq` queries and `tk` keys each, `hq` query heads and `hk` kv
@@ -129,9 +185,19 @@ pub struct Plan {
     pub cfg: LaunchConfig,
 }
 
-/// Checks a dense launch against the views' lengths `(q, k, v, out)` and picks the kernel. `causal = Some(p)`:
+/// Checks a dense launch against the views' lengths `(q, k, v, out)` and picks the v1 kernel. `causal = Some(p)`:
 /// query i sits at key position p + i. `None` launch means nothing to do (no queries).
 pub fn plan(s: &AttnShape, causal: Option<usize>, lens: (usize, usize, usize, usize)) -> Result<Option<Plan>> {
+    plan_version(s, causal, lens, FlashVersion::V1)
+}
+
+/// As [`plan`], for the kernels of `version` (same checks).
+pub fn plan_version(
+    s: &AttnShape,
+    causal: Option<usize>,
+    lens: (usize, usize, usize, usize),
+    version: FlashVersion,
+) -> Result<Option<Plan>> {
     const OP: &str = "flash_attn_bf16";
     let invalid = |msg: String| Error::Invalid { op: OP, msg };
     check_heads(OP, s.hq, s.hk, s.head_dim)?;
@@ -172,16 +238,24 @@ pub fn plan(s: &AttnShape, causal: Option<usize>, lens: (usize, usize, usize, us
     if qrows == 0 {
         return Ok(None);
     }
-    let kernel = match (s.head_dim, causal.is_some()) {
-        (64, false) => "flash_attn_fwd_hd64_bf16",
-        (128, false) => "flash_attn_fwd_hd128_bf16",
-        (64, true) => "flash_attn_fwd_causal_hd64_bf16",
-        _ => "flash_attn_fwd_causal_hd128_bf16",
+    let kernel = match (version, s.head_dim, causal.is_some()) {
+        // check_heads admitted 64 and 128 only.
+        (FlashVersion::V1, 64, false) => "flash_attn_fwd_hd64_bf16",
+        (FlashVersion::V1, _, false) => "flash_attn_fwd_hd128_bf16",
+        (FlashVersion::V1, 64, true) => "flash_attn_fwd_causal_hd64_bf16",
+        (FlashVersion::V1, _, true) => "flash_attn_fwd_causal_hd128_bf16",
+        (FlashVersion::V2, 64, false) => "flash_attn_fwd_v2_hd64_bf16",
+        (FlashVersion::V3, 64, false) => "flash_attn_fwd_v3_hd64_bf16",
+        (_, _, false) => "flash_attn_fwd_v2_hd128_bf16",
+        (FlashVersion::V2, 64, true) => "flash_attn_fwd_v2_causal_hd64_bf16",
+        (FlashVersion::V3, 64, true) => "flash_attn_fwd_v3_causal_hd64_bf16",
+        (_, _, true) => "flash_attn_fwd_v2_causal_hd128_bf16",
     };
+    let (block_m, threads) = version.block(s.head_dim);
     let cfg = LaunchConfig {
-        grid_dim: (s.tq.div_ceil(BLOCK_M) as u32, s.hq as u32, s.batch as u32),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(s.head_dim) as u32,
+        grid_dim: (s.tq.div_ceil(block_m) as u32, s.hq as u32, s.batch as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem_bytes_rows(block_m, s.head_dim) as u32,
     };
     Ok(Some(Plan { kernel, cfg }))
 }
@@ -202,7 +276,7 @@ fn function(dev: &CudaDevice, p: &Plan) -> Result<CudaFunction> {
 /// `out = softmax(q kᵀ · scale + mask) v` per sequence and head (bf16 in/out, fp32 softmax); twin of
 /// `backend::attention` applied to each of the `batch` sequences. `causal = Some(p)`: query i sits at key
 /// position p + i and sees keys `0..=p + i`; `None`: bidirectional. Only the `hq * head_dim` head columns of
-/// the output rows are written.
+/// the output rows are written. Launches the kernels of [`flash_version`].
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_bf16(
     dev: &CudaDevice,
@@ -214,7 +288,23 @@ pub fn flash_attn_bf16(
     causal: Option<usize>,
     scale: f32,
 ) -> Result<()> {
-    let Some(p) = plan(&s, causal, (q.len(), k.len(), v.len(), out.len()))? else {
+    flash_attn_bf16_version(dev, q, k, v, out, s, causal, scale, flash_version())
+}
+
+/// [`flash_attn_bf16`] with the kernel version given (the self-check and bench run every version).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_bf16_version(
+    dev: &CudaDevice,
+    q: &CudaView<'_, bf16>,
+    k: &CudaView<'_, bf16>,
+    v: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    s: AttnShape,
+    causal: Option<usize>,
+    scale: f32,
+    version: FlashVersion,
+) -> Result<()> {
+    let Some(p) = plan_version(&s, causal, (q.len(), k.len(), v.len(), out.len()), version)? else {
         return Ok(());
     };
     let f = function(dev, &p)?;
@@ -228,13 +318,13 @@ pub fn flash_attn_bf16(
         launch.arg(&q_offset);
     }
     launch.arg(&scale);
-    // SAFETY: the arguments match flash_attn_fwd[_causal]_hd{64,128}_bf16(const bf16* q, const bf16* k,
+    // SAFETY: the arguments match flash_attn_fwd[_v2][_causal]_hd{64,128}_bf16(const bf16* q, const bf16* k,
     // const bf16* v, bf16* o, int ld_q, int ld_k, int ld_v, int ld_o, int tq, int tk, int hq, int hk,
     // [int q_offset,] float scale). `plan` checked: head_dim is the kernel's (64/128), hq is a positive multiple
     // of hk, every stride covers its row width and fits i32, tq/tk/q_offset <= 2^30 with q_offset + tq <= tk
     // (causal) or tk >= 1, q/out hold batch*tq rows and k/v batch*tk rows at their strides, and the grid
-    // (ceil(tq/128), hq <= 65535, batch <= 65535) of 256 threads with the shared memory whose limit `function`
-    // raised. `out` is a &mut view, so it aliases none of the inputs.
+    // (ceil(tq/128), hq <= 65535, batch <= 65535) of 256 threads (v2: ceil(tq/64) blocks of 128 threads; v3 at
+    // head dim 64: ceil(tq/128) of 128) with the shared memory whose limit `function` raised. `out` is a &mut view, so it aliases none of the inputs.
     guarded("launch flash attention", || unsafe { launch.launch(p.cfg) }.map(|_| ()))
 }
 
@@ -429,6 +519,35 @@ mod tests {
     }
 
     #[test]
+    fn v2_plans_smaller_blocks() {
+        let v2 = FlashVersion::V2;
+        let s = AttnShape::fused_qkv(7, 1025, 16, 16, 64);
+        let p = plan_version(&s, None, lens_for(&s), v2).expect("valid").expect("work");
+        assert_eq!(p.kernel, "flash_attn_fwd_v2_hd64_bf16");
+        assert_eq!(p.cfg.grid_dim, (17, 16, 7));
+        assert_eq!(p.cfg.block_dim, (128, 1, 1));
+        assert_eq!(p.cfg.shared_mem_bytes, 40 * 1024);
+        let s = AttnShape::dense(7, 1025, 1025, 25, 25, 128);
+        let p = plan_version(&s, Some(0), lens_for(&s), v2).expect("valid").expect("work");
+        assert_eq!(
+            (p.kernel, p.cfg.grid_dim, p.cfg.shared_mem_bytes),
+            ("flash_attn_fwd_v2_causal_hd128_bf16", (17, 25, 7), 80 * 1024)
+        );
+        // The same refusals as v1.
+        let bad = AttnShape { hk: 3, ..AttnShape::dense(2, 17, 17, 14, 2, 64) };
+        assert!(plan_version(&bad, None, lens_for(&bad), v2).is_err());
+        assert_eq!(FlashVersion::V2.label(), "v2");
+        // v3: 128 rows per block of 128 threads at head dim 64, the v2 kernels at 128.
+        let s = AttnShape::fused_qkv(7, 1025, 16, 16, 64);
+        let p = plan_version(&s, Some(0), lens_for(&s), FlashVersion::V3).expect("valid").expect("work");
+        assert_eq!(p.kernel, "flash_attn_fwd_v3_causal_hd64_bf16");
+        assert_eq!((p.cfg.grid_dim, p.cfg.block_dim, p.cfg.shared_mem_bytes), ((9, 16, 7), (128, 1, 1), 48 * 1024));
+        let s = AttnShape::dense(7, 1025, 1025, 25, 25, 128);
+        let p = plan_version(&s, None, lens_for(&s), FlashVersion::V3).expect("valid").expect("work");
+        assert_eq!((p.kernel, p.cfg.grid_dim), ("flash_attn_fwd_v2_hd128_bf16", (17, 25, 7)));
+    }
+
+    #[test]
     fn flops_count_visible_pairs() {
         let s = AttnShape::dense(2, 3, 5, 1, 1, 64);
         assert_eq!(s.flops(None), 4.0 * 2.0 * 64.0 * 15.0);
@@ -509,7 +628,10 @@ mod tests {
         for d in [64, 128] {
             for causal in [None, Some(0)] {
                 let s = AttnShape::dense(1, 4, 4, 2, 1, d);
-                names.push(plan(&s, causal, lens_for(&s)).expect("valid").expect("work").kernel);
+                for version in [FlashVersion::V1, FlashVersion::V2, FlashVersion::V3] {
+                    let p = plan_version(&s, causal, lens_for(&s), version).expect("valid").expect("work");
+                    names.push(p.kernel);
+                }
             }
             let (s, l) = paged_shape();
             let s = PagedPrefillShape { head_dim: d, ld_q: 18 * d, ld_o: 14 * d, ..s };
@@ -522,7 +644,7 @@ mod tests {
             };
             names.push(plan_paged_prefill(&s, &l).expect("valid").0.expect("work").kernel);
         }
-        assert_eq!(names.len(), 6);
+        assert_eq!(names.len(), 14);
         for f in names {
             assert!(ptx.contains(&format!(".entry {f}(")), "flash_attn PTX lacks entry {f}");
         }

@@ -23,7 +23,7 @@ use half::bf16;
 
 use super::KernelCase;
 use crate::backend::cpu;
-use crate::backend::cuda::attention::{self, AttnShape, PagedPrefillInputs, PagedPrefillShape};
+use crate::backend::cuda::attention::{self, AttnShape, FlashVersion, PagedPrefillInputs, PagedPrefillShape};
 use crate::backend::cuda::paged_attention::{self, AttnVersion, DecodeInputs, DecodeShape, WriteKvShape};
 use crate::backend::cuda::{buffer, CudaDevice, Result};
 use crate::kv::{KvLayer, KvLayerMut};
@@ -91,10 +91,12 @@ fn dense_shape(c: &DenseCase) -> String {
     t
 }
 
+/// Every dense kernel version on the same inputs against one reference (rows labelled v1, v2, v3; v3 at head
+/// dim 128 launches the v2 kernels and is skipped).
 fn dense_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, c: DenseCase) {
     const OP: &str = "flash_attn_bf16";
-    let shape = dense_shape(&c);
-    check(report, OP, &shape, |report| {
+    let base = dense_shape(&c);
+    check(report, OP, &base, |report| {
         let s = c.s;
         let d = s.head_dim;
         let (qrows, krows) = (s.batch * s.tq, s.batch * s.tk);
@@ -118,18 +120,6 @@ fn dense_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, c: DenseCase
         };
         let dq = up(dev, &q)?;
         let (dk, dv) = if c.fused { (None, None) } else { (Some(up(dev, &k)?), Some(up(dev, &v)?)) };
-        let mut dout = buffer::poisoned_bf16(dev, m + qrows * s.ld_o)?;
-        {
-            let qv = dq.slice(m..);
-            let (kv, vv) = match (&dk, &dv) {
-                (Some(dk), Some(dv)) => (dk.slice(m..), dv.slice(m..)),
-                _ => (dq.slice(m + k_col..), dq.slice(m + v_col..)),
-            };
-            let mut ov = dout.slice_mut(m..);
-            attention::flash_attn_bf16(dev, &qv, &kv, &vv, &mut ov, s, c.causal, 1.0 / (d as f32).sqrt())?;
-        }
-        let out = down(dev, &dout)?;
-        let out = &out[m..];
 
         let mut want = Vec::with_capacity(qrows * qw);
         for b in 0..s.batch {
@@ -142,10 +132,30 @@ fn dense_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, c: DenseCase
             let o = cpu::attention::attention(&qt, &kt, &vt, c.causal, 1.0 / (d as f32).sqrt())?;
             want.extend(o.to_f32_vec());
         }
-        let got = gather(out, qrows, s.ld_o, 0, qw);
-        report.compare(OP, &shape, &got, &want, FLASH_ATOL, FLASH_RTOL);
-        if let Some(r) = padding_written(out, qrows, s.ld_o, qw) {
-            verdict(report, OP, &shape, false, format!("wrote into the padding columns of output row {r}"));
+
+        for version in [FlashVersion::V1, FlashVersion::V2, FlashVersion::V3] {
+            if version == FlashVersion::V3 && d != 64 {
+                continue;
+            }
+            let shape = format!("{} {base}", version.label());
+            let mut dout = buffer::poisoned_bf16(dev, m + qrows * s.ld_o)?;
+            {
+                let qv = dq.slice(m..);
+                let (kv, vv) = match (&dk, &dv) {
+                    (Some(dk), Some(dv)) => (dk.slice(m..), dv.slice(m..)),
+                    _ => (dq.slice(m + k_col..), dq.slice(m + v_col..)),
+                };
+                let mut ov = dout.slice_mut(m..);
+                let scale = 1.0 / (d as f32).sqrt();
+                attention::flash_attn_bf16_version(dev, &qv, &kv, &vv, &mut ov, s, c.causal, scale, version)?;
+            }
+            let out = down(dev, &dout)?;
+            let out = &out[m..];
+            let got = gather(out, qrows, s.ld_o, 0, qw);
+            report.compare(OP, &shape, &got, &want, FLASH_ATOL, FLASH_RTOL);
+            if let Some(r) = padding_written(out, qrows, s.ld_o, qw) {
+                verdict(report, OP, &shape, false, format!("wrote into the padding columns of output row {r}"));
+            }
         }
         Ok(())
     });
@@ -596,7 +606,13 @@ pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
 
 // ---- bench cases -------------------------------------------------------------------------------------------
 
-fn dense_bench<'a>(dev: &'a CudaDevice, name: &str, s: AttnShape, causal: Option<usize>) -> Result<KernelCase<'a>> {
+fn dense_bench<'a>(
+    dev: &'a CudaDevice,
+    version: FlashVersion,
+    name: &str,
+    s: AttnShape,
+    causal: Option<usize>,
+) -> Result<KernelCase<'a>> {
     let qkv = buffer::zeros::<bf16>(dev, s.batch * s.tq * s.ld_q)?;
     let mut out = buffer::zeros::<bf16>(dev, s.batch * s.tq * s.ld_o)?;
     let (qw, kw) = (s.hq * s.head_dim, s.hk * s.head_dim);
@@ -604,12 +620,12 @@ fn dense_bench<'a>(dev: &'a CudaDevice, name: &str, s: AttnShape, causal: Option
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     Ok(KernelCase {
         op: "flash_attn_bf16".into(),
-        shape: format!("{name} (b{} t{} h{}/{} d{})", s.batch, s.tq, s.hq, s.hk, s.head_dim),
+        shape: format!("{} {name} (b{} t{} h{}/{} d{})", version.label(), s.batch, s.tq, s.hq, s.hk, s.head_dim),
         bytes,
         flops: s.flops(causal),
         launch: Box::new(move || {
             let (q, k, v) = (qkv.slice(..), qkv.slice(qw..), qkv.slice(qw + kw..));
-            attention::flash_attn_bf16(dev, &q, &k, &v, &mut out.as_view_mut(), s, causal, scale)
+            attention::flash_attn_bf16_version(dev, &q, &k, &v, &mut out.as_view_mut(), s, causal, scale, version)
         }),
     })
 }
@@ -680,12 +696,23 @@ fn decode_bench<'a>(
 /// The vision towers' attention, LLM prefill and decode attention at the model shapes.
 pub fn bench_cases<'a>(dev: &'a CudaDevice) -> Result<Vec<KernelCase<'a>>> {
     let f = AttnShape::fused_qkv;
-    let mut cases = vec![
-        dense_bench(dev, "vision 300M, 7 tiles", f(7, 1025, 16, 16, 64), None)?,
-        dense_bench(dev, "vision 6B, 7 tiles", f(7, 1025, 25, 25, 128), None)?,
-        dense_bench(dev, "1B prefill, 1 tile + 41 tokens", f(1, 297, 14, 2, 64), Some(0))?,
-        dense_bench(dev, "8B prefill, 1 tile + 41 tokens", f(1, 297, 28, 4, 128), Some(0))?,
+    let denses = [
+        ("vision 300M, 7 tiles", f(7, 1025, 16, 16, 64), None),
+        ("vision 6B, 7 tiles", f(7, 1025, 25, 25, 128), None),
+        ("1B prefill, 1 tile + 41 tokens", f(1, 297, 14, 2, 64), Some(0)),
+        ("8B prefill, 1 tile + 41 tokens", f(1, 297, 28, 4, 128), Some(0)),
     ];
+    // Each dense shape with every kernel version (shape labels start with v1 / v2 / v3; v3 only at head dim 64,
+    // where it differs from v2).
+    let mut cases = Vec::new();
+    for (name, s, causal) in denses {
+        for version in [FlashVersion::V1, FlashVersion::V2, FlashVersion::V3] {
+            if version == FlashVersion::V3 && s.head_dim != 64 {
+                continue;
+            }
+            cases.push(dense_bench(dev, version, name, s, causal)?);
+        }
+    }
     // Each decode shape with both kernels (shape labels start with v1 / v2). (seqs, ctx, max_context): the
     // bench's decode graphs use max_context 640; the batch-16 and long rows keep max_context = ctx.
     type Dims = (usize, usize, usize);
