@@ -3,10 +3,11 @@
 //!
 //! Policy, deliberately simple: requests are admitted oldest first while the batch has a free row and the
 //! pool has the blocks for the whole request (prompt + answer budget, reserved up front, so a running
-//! sequence never stalls for memory or gets preempted); an admitted request's images are encoded and its
-//! prompt prefilled in chunks; then every active sequence decodes together, one token per step. Sequences
-//! finish independently (EOS, stop string, budget, context) and free their blocks at once, which lets the
-//! next waiting request in on the following step.
+//! sequence never stalls for memory or gets preempted); an admitted request's images are encoded at once and
+//! its prompt is prefilled one chunk per engine step, between the decode steps of the running sequences;
+//! every sequence past its prefill decodes together, one token per step. Sequences finish independently
+//! (EOS, stop string, budget, context) and free their blocks at once, which lets the next waiting request in
+//! on the following step.
 //!
 //! Greedy decoding takes the model's argmax; sampled decoding draws with the CPU `Sampler` from the model's
 //! logits, so a seed gives the same answer on every backend.
@@ -96,9 +97,26 @@ struct Active {
     text: String,
 }
 
+/// An admitted request whose prompt is still being prefilled, one chunk per engine step.
+struct Prefilling<F> {
+    req: usize,
+    blocks: Vec<u32>,
+    features: Option<F>,
+    /// Positions of the prompt's image tokens, in order (feature row k goes to `image_pos[k]`).
+    image_pos: Vec<usize>,
+    /// Prompt tokens already in the cache.
+    done: usize,
+    started: Instant,
+    vision_ms: f64,
+}
+
 /// Runs every request to completion, `max_seqs` at a time; `decode` turns ids into text (for stop strings
 /// and the output), `on_text(request, text)` streams each answer as it becomes final. Every block is free
 /// again when it returns, with or without an error.
+///
+/// Each engine step runs at most one prefill chunk (of the oldest request still prefilling) and then one
+/// decode step for every sequence past its prefill, so a long prompt delays running answers by one chunk
+/// per step, never by its whole prefill.
 pub fn run<M: StepModel>(
     model: &mut M,
     limits: Limits,
@@ -122,13 +140,15 @@ pub fn run<M: StepModel>(
         }
     }
     let bs = model.block_size();
+    let chunk = model.prefill_chunk().max(1);
     let mut free: Vec<u32> = (0..limits.num_blocks as u32).rev().collect();
     let mut waiting: VecDeque<usize> = (0..reqs.len()).collect();
+    let mut prefilling: VecDeque<Prefilling<M::Features>> = VecDeque::new();
     let mut active: Vec<Active> = Vec::new();
     let mut done: Vec<Option<Output>> = (0..reqs.len()).map(|_| None).collect();
-    while !waiting.is_empty() || !active.is_empty() {
+    while !waiting.is_empty() || !prefilling.is_empty() || !active.is_empty() {
         // Admit: oldest first, while a row and the blocks for the whole request are free.
-        while active.len() < limits.max_seqs {
+        while active.len() + prefilling.len() < limits.max_seqs {
             let Some(&i) = waiting.front() else { break };
             let r = &reqs[i];
             let need = (r.ids.len() + r.opts.max_new_tokens).min(limits.max_context).div_ceil(bs);
@@ -143,18 +163,27 @@ pub fn run<M: StepModel>(
             }
             waiting.pop_front();
             let blocks: Vec<u32> = free.split_off(free.len() - need);
-            match admit(model, i, r, blocks, limits.max_context, decode, on_text)? {
-                Ok(a) => active.push(a),
-                Err((a, out)) => {
-                    free.extend(a.blocks.iter().rev());
-                    done[i] = Some(out);
+            prefilling.push_back(encode(model, i, r, blocks)?);
+        }
+        // One prefill chunk.
+        if let Some(p) = prefilling.front_mut() {
+            let r = &reqs[p.req];
+            let first = prefill_chunk(model, p, r, chunk)?;
+            if p.done == r.ids.len() {
+                let p = prefilling.pop_front().expect("front exists");
+                match start_answer(model, p, r, first, limits.max_context, decode, on_text)? {
+                    Ok(a) => active.push(a),
+                    Err((a, out)) => {
+                        free.extend(a.blocks.iter().rev());
+                        done[a.req] = Some(out);
+                    }
                 }
             }
         }
         if active.is_empty() {
             continue;
         }
-        // One decode step for every active sequence.
+        // One decode step for every sequence past its prefill.
         let last: Vec<[u32; 1]> = active.iter().map(|a| [*a.tokens.last().expect("non-empty")]).collect();
         let seqs: Vec<SeqInput> =
             active.iter().zip(&last).map(|(a, t)| SeqInput { tokens: t, start: a.cached, blocks: &a.blocks }).collect();
@@ -184,18 +213,9 @@ pub fn run<M: StepModel>(
     done.into_iter().enumerate().map(|(i, o)| o.ok_or_else(|| Error::Invalid(format!("request {i} lost")))).collect()
 }
 
-/// Vision, chunked prefill and the first token of request `i`. `Ok(Err(..))`: it finished on its first token
-/// (EOS, stop string or a budget of one).
-#[allow(clippy::type_complexity)]
-fn admit<M: StepModel>(
-    model: &mut M,
-    i: usize,
-    r: &Request,
-    blocks: Vec<u32>,
-    max_context: usize,
-    decode: &dyn Fn(&[u32]) -> Result<String>,
-    on_text: &mut dyn FnMut(usize, &str),
-) -> Result<std::result::Result<Active, (Active, Output)>> {
+/// Admission of request `i`: its images through the vision tower (features stay on the device until its
+/// prefill ends).
+fn encode<M: StepModel>(model: &mut M, i: usize, r: &Request, blocks: Vec<u32>) -> Result<Prefilling<M::Features>> {
     let started = Instant::now();
     let image_token = model.image_token_id();
     let image_pos: Vec<usize> = r.ids.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(p, _)| p).collect();
@@ -214,37 +234,57 @@ fn admit<M: StepModel>(
     };
     model.synchronize()?;
     let vision_ms = started.elapsed().as_secs_f64() * 1e3;
-    let chunk = model.prefill_chunk().max(1);
-    let mut first = 0u32;
-    let mut start = 0;
-    while start < r.ids.len() {
-        let end = (start + chunk).min(r.ids.len());
-        // Image rows of this chunk (relative) and the feature rows they take, which are consecutive.
-        let lo = image_pos.partition_point(|&p| p < start);
-        let hi = image_pos.partition_point(|&p| p < end);
-        let rows: Vec<i32> = image_pos[lo..hi].iter().map(|&p| (p - start) as i32).collect();
-        let seq = SeqInput { tokens: &r.ids[start..end], start, blocks: &blocks };
-        let image = match &features {
-            Some(f) if hi > lo => Some((f, lo..hi, rows.as_slice())),
-            _ => None,
-        };
-        first = model.prefill(seq, image)?;
-        start = end;
-    }
-    let p = &r.opts.sampling;
+    Ok(Prefilling { req: i, blocks, features, image_pos, done: 0, started, vision_ms })
+}
+
+/// Prefills the next chunk of `p`'s prompt; returns the greedy token after it.
+fn prefill_chunk<M: StepModel>(
+    model: &mut M,
+    p: &mut Prefilling<M::Features>,
+    r: &Request,
+    chunk: usize,
+) -> Result<u32> {
+    let (start, end) = (p.done, (p.done + chunk).min(r.ids.len()));
+    // Image rows of this chunk (relative) and the feature rows they take, which are consecutive.
+    let lo = p.image_pos.partition_point(|&q| q < start);
+    let hi = p.image_pos.partition_point(|&q| q < end);
+    let rows: Vec<i32> = p.image_pos[lo..hi].iter().map(|&q| (q - start) as i32).collect();
+    let seq = SeqInput { tokens: &r.ids[start..end], start, blocks: &p.blocks };
+    let image = match &p.features {
+        Some(f) if hi > lo => Some((f, lo..hi, rows.as_slice())),
+        _ => None,
+    };
+    let next = model.prefill(seq, image)?;
+    p.done = end;
+    Ok(next)
+}
+
+/// The first token of a request whose prefill just ended. `Ok(Err(..))`: it finished on that token (EOS,
+/// stop string or a budget of one).
+#[allow(clippy::type_complexity)]
+fn start_answer<M: StepModel>(
+    model: &mut M,
+    p: Prefilling<M::Features>,
+    r: &Request,
+    greedy: u32,
+    max_context: usize,
+    decode: &dyn Fn(&[u32]) -> Result<String>,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<std::result::Result<Active, (Active, Output)>> {
+    let sp = &r.opts.sampling;
     // Greedy without a repetition penalty is the model's argmax; anything else samples on the host.
-    let sampler = if p.is_greedy() && p.repetition_penalty == 1.0 { None } else { Some(Sampler::new(p.clone())?) };
+    let sampler = if sp.is_greedy() && sp.repetition_penalty == 1.0 { None } else { Some(Sampler::new(sp.clone())?) };
     let mut a = Active {
-        req: i,
+        req: p.req,
         tokens: r.ids.clone(),
         prompt_len: r.ids.len(),
         cached: r.ids.len(),
-        blocks,
+        blocks: p.blocks,
         stop: StopMatcher::new(&r.opts.stop_strings),
         sampler,
-        started,
+        started: p.started,
         first_token: None,
-        vision_ms,
+        vision_ms: p.vision_ms,
         text: String::new(),
     };
     let first = match &mut a.sampler {
@@ -252,7 +292,7 @@ fn admit<M: StepModel>(
             let l = model.last_logits(1)?;
             s.sample(&l, &r.ids)?
         }
-        None => first,
+        None => greedy,
     };
     Ok(match push_token(&mut a, first, &r.opts, max_context, decode, on_text)? {
         None => Ok(a),
@@ -351,6 +391,8 @@ mod tests {
         max_batch: usize,
         max_chunk: usize,
         last: Vec<u32>,
+        /// 'P' per prefill chunk, 'D' per decode step, in call order.
+        calls: String,
     }
 
     impl Fake {
@@ -387,6 +429,7 @@ mod tests {
         }
         fn prefill(&mut self, seq: SeqInput, image: Option<(&Vec<u32>, Range<usize>, &[i32])>) -> Result<u32> {
             self.max_chunk = self.max_chunk.max(seq.tokens.len());
+            self.calls.push('P');
             let mut toks = seq.tokens.to_vec();
             if let Some((f, range, rows)) = image {
                 assert_eq!(range.len(), rows.len());
@@ -402,6 +445,7 @@ mod tests {
         }
         fn decode(&mut self, seqs: &[SeqInput]) -> Result<Vec<u32>> {
             self.max_batch = self.max_batch.max(seqs.len());
+            self.calls.push('D');
             for s in seqs {
                 self.write(s, s.tokens);
             }
@@ -540,6 +584,21 @@ mod tests {
             differs |= together[i].ids[..n] != greedy[i][..n];
         }
         assert!(differs, "temperature 1 never left the greedy path: the sampler was not used");
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_between_decode_steps() {
+        let short = Request { ids: vec![1, 2, 3], pixels: None, opts: opts(12) };
+        let long = Request { ids: (0..26).collect(), pixels: None, opts: opts(2) };
+        let reqs = [short, long];
+        let mut fake = Fake::default();
+        let outs = run(&mut fake, limits(2, 40), &reqs, &text, &mut |_, _| {}).unwrap();
+        // 1 chunk for the short prompt, 6 of 5 tokens for the long one, each followed by a decode step.
+        assert!(fake.calls.starts_with("PDPDPDPDPDPDPD"), "{}", fake.calls);
+        assert!(!fake.calls.contains("PP"), "{}", fake.calls);
+        for (r, o) in reqs.iter().zip(&outs) {
+            assert_eq!(o.ids, reference(r));
+        }
     }
 
     #[test]
