@@ -6,6 +6,10 @@ use std::path::Path;
 use assert_cmd::Command;
 use predicates::prelude::*;
 
+#[path = "support/png.rs"]
+mod png;
+use png::png_header_only;
+
 fn facellm() -> Command {
     Command::cargo_bin("facellm").unwrap()
 }
@@ -122,28 +126,6 @@ fn bad_inputs_give_one_line_and_exit_1() {
         &["generate", "--model", short.path().to_str().unwrap(), "--image", &face(), "--prompt", "x"],
         "context",
     );
-}
-
-/// A PNG whose header claims `w` x `h` pixels but holds no pixel data (a decompression-bomb shape): it
-/// must be refused from its header, before any pixel is decoded or allocated.
-fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-    let chunk = |png: &mut Vec<u8>, kind: &[u8], data: &[u8]| {
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        let mut crc = flate2::Crc::new();
-        crc.update(&body);
-        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        png.extend_from_slice(&body);
-        png.extend_from_slice(&crc.sum().to_be_bytes());
-    };
-    let mut ihdr = w.to_be_bytes().to_vec();
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    chunk(&mut png, b"IHDR", &ihdr);
-    chunk(&mut png, b"IDAT", &[]);
-    chunk(&mut png, b"IEND", &[]);
-    png
 }
 
 #[test]

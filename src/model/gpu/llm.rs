@@ -239,8 +239,7 @@ impl Workspace {
 }
 
 fn decode_shape(p: &TextParams, seqs: usize, max_blocks: usize, max_context: usize) -> DecodeShape {
-    let (qd, w) = (p.heads * p.head_dim, (p.heads + 2 * p.kv_heads) * p.head_dim);
-    let _ = w;
+    let qd = p.heads * p.head_dim;
     DecodeShape {
         num_seqs: seqs,
         hq: p.heads,

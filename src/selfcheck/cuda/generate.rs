@@ -72,8 +72,8 @@ pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
             let mut logits = cpu.forward(&r.ids, features.as_ref(), &mut cache, false, None)?.to_f32_vec();
             let (mut agree, mut near, mut bad, mut worst) = (0, 0, 0, 0.0f64);
             for &g in &o.ids {
-                let best = (0..logits.len()).fold(0, |b, j| if logits[j] > logits[b] { j } else { b });
-                let rms = (logits.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / logits.len() as f64).sqrt();
+                let best = super::llm::argmax(&logits);
+                let rms = super::models::rms(&logits);
                 let short = (logits[best] - logits[g as usize]) as f64 / rms.max(1e-12);
                 worst = worst.max(short);
                 if g as usize == best {

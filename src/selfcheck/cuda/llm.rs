@@ -33,7 +33,8 @@ fn tiny_config(hidden: usize, heads: usize, kv_heads: usize, layers: usize) -> R
     ModelConfig::from_json_str("selfcheck-llm", &v.to_string())
 }
 
-fn argmax(x: &[f32]) -> usize {
+/// Index of the largest value, the first on ties.
+pub fn argmax(x: &[f32]) -> usize {
     x.iter().enumerate().fold(0, |b, (i, &v)| if v > x[b] { i } else { b })
 }
 
@@ -65,7 +66,7 @@ impl Tally {
             self.agree += 1;
         } else {
             // The logits' absolute error scale: rel L2 times the RMS of the CPU logits.
-            let rms = (cpu.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / cpu.len() as f64).sqrt();
+            let rms = super::models::rms(cpu);
             if (gap(cpu) as f64) < 4.0 * e * rms {
                 self.near_ties += 1;
             } else {

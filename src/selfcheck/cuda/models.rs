@@ -46,7 +46,8 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-fn rms(x: &[f32]) -> f64 {
+/// Root mean square of `x` (the scale the model checks measure errors against).
+pub fn rms(x: &[f32]) -> f64 {
     (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len().max(1) as f64).sqrt()
 }
 
