@@ -15,13 +15,16 @@ pub struct PagedKv<'a> {
     table: &'a mut BlockTable,
     tokens: &'a [u32],
     start: usize,
+    /// The partially filled last block before the pass (see `BlockPool::rollback`).
+    partial: Option<(usize, u32)>,
     committed: bool,
 }
 
 impl<'a> PagedKv<'a> {
     pub fn new(pool: &'a mut BlockPool, table: &'a mut BlockTable, tokens: &'a [u32]) -> PagedKv<'a> {
         let start = table.len();
-        PagedKv { pool, table, tokens, start, committed: false }
+        let partial = pool.partial_last(table);
+        PagedKv { pool, table, tokens, start, partial, committed: false }
     }
 }
 
@@ -59,9 +62,10 @@ impl KvStore for PagedKv<'_> {
 impl Drop for PagedKv<'_> {
     fn drop(&mut self) {
         if !self.committed && self.table.len() > self.start {
-            // Truncating to a shorter length only releases blocks this table holds, which cannot fail; and
-            // a destructor has nowhere to report to anyway.
-            let _ = self.pool.truncate(self.table, self.start);
+            // Only this table's own references change, which cannot fail; and a destructor has nowhere to
+            // report to anyway.
+            let _ = self.pool.rollback(self.table, self.start, self.partial);
+            let _ = self.pool.take_copies();
         }
     }
 }
@@ -71,6 +75,7 @@ struct BatchSeq<'a> {
     table: &'a mut BlockTable,
     tokens: &'a [u32],
     start: usize,
+    partial: Option<(usize, u32)>,
     committed: bool,
 }
 
@@ -98,7 +103,8 @@ impl<'a> PagedBatch<'a> {
             .into_iter()
             .map(|(table, tokens)| {
                 let start = table.len();
-                BatchSeq { table, tokens, start, committed: false }
+                let partial = pool.partial_last(table);
+                BatchSeq { table, tokens, start, partial, committed: false }
             })
             .collect();
         PagedBatch { pool, seqs, row_invariant }
@@ -158,6 +164,18 @@ impl BatchKvStore for PagedBatch<'_> {
         Tensor::from_f32(q.shape().to_vec(), out)
     }
 
+    fn blocks(&self, seq: usize) -> Result<&[u32]> {
+        let n = self.seqs.len();
+        match self.seqs.get(seq) {
+            Some(s) => Ok(s.table.blocks()),
+            None => Err(Error::Invalid(format!("paged batch: sequence {seq} of {n}"))),
+        }
+    }
+
+    fn take_copies(&mut self) -> Vec<(u32, u32)> {
+        self.pool.take_copies()
+    }
+
     fn commit(&mut self, seq: usize, _t: usize) -> Result<()> {
         let n = self.seqs.len();
         let Some(s) = self.seqs.get_mut(seq) else {
@@ -170,10 +188,13 @@ impl BatchKvStore for PagedBatch<'_> {
 
 impl Drop for PagedBatch<'_> {
     fn drop(&mut self) {
+        // Copies nobody took belong to a pass that failed: the rollback below releases their targets (which
+        // may then go to another table), so they must never be performed later.
+        self.pool.take_copies();
         for s in &mut self.seqs {
             if !s.committed && s.table.len() > s.start {
-                // As in `PagedKv`: shortening releases only this table's blocks and cannot fail.
-                let _ = self.pool.truncate(s.table, s.start);
+                // As in `PagedKv`: only this table's references change.
+                let _ = self.pool.rollback(s.table, s.start, s.partial);
             }
         }
     }

@@ -1,6 +1,11 @@
 //! The block pool: storage for every block, reference counts and the free list. Sequence-level operations
 //! (append, fork, free, prefix reuse) are in `table.rs`; they change reference counts only through
 //! `retain` and `release` here, so the "free exactly when the count is zero" rule lives in one place.
+//!
+//! A pool either stores the blocks itself (the CPU backend) or only counts them (`BlockPool::accounting`)
+//! for a model that keeps the storage on a device with the same layout and block ids: it then queues the
+//! block copies that copy-on-write asks for (`take_copies`) and the device owner performs them before it
+//! writes the step's keys and values.
 
 use super::prefix::PrefixCache;
 use super::KvLayout;
@@ -9,9 +14,13 @@ use crate::{Error, Result};
 pub struct BlockPool {
     layout: KvLayout,
     num_blocks: usize,
-    /// Per layer, `[num_blocks, block_size, kv_heads, head_dim]`.
+    /// Per layer, `[num_blocks, block_size, kv_heads, head_dim]`; empty for an accounting pool.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// Whether `k`/`v` hold the blocks (false: the storage is elsewhere and copies are queued).
+    host: bool,
+    /// Copy-on-write copies `(src, dst)` waiting for the device owner (accounting pools only).
+    copies: Vec<(u32, u32)>,
     /// Number of block tables that hold each block; the prefix cache holds no count of its own.
     refs: Vec<u32>,
     /// Free block ids, popped from the end. Kept in descending order at start so blocks go out 0, 1, 2, ...
@@ -61,6 +70,17 @@ impl BlockPool {
 
     /// A pool whose storage starts as `fill`: tests pass NaN so that reading a slot nobody wrote shows up.
     pub fn with_fill(layout: KvLayout, num_blocks: usize, fill: f32) -> Result<BlockPool> {
+        BlockPool::build(layout, num_blocks, Some(fill))
+    }
+
+    /// A pool that only counts `num_blocks` blocks whose storage lives elsewhere (a device KV cache of the
+    /// same layout): reference counts, free list and prefix cache as usual, no host memory for the blocks,
+    /// and copy-on-write copies queued for `take_copies` instead of done.
+    pub fn accounting(layout: KvLayout, num_blocks: usize) -> Result<BlockPool> {
+        BlockPool::build(layout, num_blocks, None)
+    }
+
+    fn build(layout: KvLayout, num_blocks: usize, fill: Option<f32>) -> Result<BlockPool> {
         let layout = KvLayout::new(layout.layers, layout.kv_heads, layout.head_dim, layout.block_size)?;
         // Block ids are u32 on both backends (the CUDA block tables are int32): refuse pools that overflow.
         if num_blocks == 0 || num_blocks > i32::MAX as usize {
@@ -69,11 +89,17 @@ impl BlockPool {
         let elems = num_blocks
             .checked_mul(layout.block_elems())
             .ok_or_else(|| Error::Invalid(format!("kv cache: {num_blocks} blocks of {layout:?} overflow")))?;
+        let storage = |fill: Option<f32>| match fill {
+            Some(x) => vec![vec![x; elems]; layout.layers],
+            None => Vec::new(),
+        };
         Ok(BlockPool {
             layout,
             num_blocks,
-            k: vec![vec![fill; elems]; layout.layers],
-            v: vec![vec![fill; elems]; layout.layers],
+            k: storage(fill),
+            v: storage(fill),
+            host: fill.is_some(),
+            copies: Vec::new(),
             refs: vec![0; num_blocks],
             free: (0..num_blocks as u32).rev().collect(),
             prefix: PrefixCache::new(num_blocks),
@@ -110,7 +136,22 @@ impl BlockPool {
         self.prefix.len()
     }
 
+    /// Whether the pool stores the blocks (false for `accounting`).
+    pub fn has_storage(&self) -> bool {
+        self.host
+    }
+
+    /// The copy-on-write copies `(src, dst)` queued since the last call, in order (accounting pools; always
+    /// empty for a pool with storage, which copies at once). Copy every layer's k and v of `src` into `dst`
+    /// before writing into `dst`.
+    pub fn take_copies(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.copies)
+    }
+
     pub fn layer(&self, layer: usize) -> Result<KvLayer<'_>> {
+        if !self.host {
+            return Err(self.no_storage());
+        }
         let (k, v) = match (self.k.get(layer), self.v.get(layer)) {
             (Some(k), Some(v)) => (k, v),
             _ => return Err(self.bad_layer(layer)),
@@ -120,6 +161,9 @@ impl BlockPool {
     }
 
     pub fn layer_mut(&mut self, layer: usize) -> Result<KvLayerMut<'_>> {
+        if !self.host {
+            return Err(self.no_storage());
+        }
         let l = self.layout;
         let err = self.bad_layer(layer);
         match (self.k.get_mut(layer), self.v.get_mut(layer)) {
@@ -128,6 +172,10 @@ impl BlockPool {
             }
             _ => Err(err),
         }
+    }
+
+    fn no_storage(&self) -> Error {
+        Error::Invalid("kv cache: this pool only counts blocks; their keys and values live on a device".into())
     }
 
     fn bad_layer(&self, layer: usize) -> Error {
@@ -178,6 +226,10 @@ impl BlockPool {
 
     /// Copies every layer's k and v of block `src` into block `dst`.
     pub(super) fn copy_block(&mut self, src: u32, dst: u32) {
+        if !self.host {
+            self.copies.push((src, dst));
+            return;
+        }
         let n = self.layout.block_elems();
         let (s, d) = (src as usize * n, dst as usize * n);
         for buf in self.k.iter_mut().chain(self.v.iter_mut()) {

@@ -191,6 +191,33 @@ impl BlockPool {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// The partially filled last block of `table` as `(index, block)`, if any: the one block an `append`
+    /// may replace by a copy. Keep it before a pass, for `rollback`.
+    pub fn partial_last(&self, table: &BlockTable) -> Option<(usize, u32)> {
+        let bs = self.block_size();
+        (!table.len.is_multiple_of(bs)).then(|| (table.len / bs, table.blocks[table.len / bs]))
+    }
+
+    /// Undoes appends whose keys and values were never (or not all) written: the table returns to `len`
+    /// tokens and, where an append replaced its partially filled last block by a copy (`partial`, from
+    /// `partial_last` before the pass), to the original block, releasing the copy, whose contents may never
+    /// have been made (a device pool queues the copy until the model runs). If the original was freed
+    /// meanwhile, the table keeps only its full blocks before it.
+    pub fn rollback(&mut self, table: &mut BlockTable, len: usize, partial: Option<(usize, u32)>) -> Result<()> {
+        self.truncate(table, len)?;
+        let Some((i, was)) = partial else { return Ok(()) };
+        let Some(&now) = table.blocks.get(i) else { return Ok(()) };
+        if now == was {
+            return Ok(());
+        }
+        if self.refcount(was) == 0 {
+            return self.truncate(table, i * self.block_size());
+        }
+        self.retain(was)?;
+        table.blocks[i] = was;
+        self.release(now)
+    }
+
     /// Returns every block of `table` to the pool and leaves it empty (freeing it again does nothing).
     pub fn free(&mut self, table: &mut BlockTable) -> Result<()> {
         self.truncate(table, 0)

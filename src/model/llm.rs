@@ -119,6 +119,18 @@ pub trait BatchKvStore {
     /// As `KvStore::attend`, for the `t` rows of sequence `seq` (`q [t, heads, d]`, `k`, `v [t, kv_heads, d]`).
     fn attend(&mut self, seq: usize, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor>;
     fn commit(&mut self, seq: usize, t: usize) -> Result<()>;
+
+    /// The block ids of sequence `seq`'s table, after `reserve` (a model that keeps the blocks on a device
+    /// reads and writes its own storage through them). Stores without block tables say so.
+    fn blocks(&self, seq: usize) -> Result<&[u32]> {
+        Err(Error::Invalid(format!("batch kv: sequence {seq}'s store has no block table")))
+    }
+    /// The block copies `(src, dst)` that the `reserve` calls so far asked for (copy-on-write of a shared,
+    /// partially filled block) and that the store could not do itself because the blocks live on a device:
+    /// the model performs them, every layer's k and v, before writing the pass's keys and values.
+    fn take_copies(&mut self) -> Vec<(u32, u32)> {
+        Vec::new()
+    }
 }
 
 /// A batch of independent stores, one per sequence (contiguous caches, or paged tables of different pools).
