@@ -104,6 +104,7 @@ fn batched(m: &FaceLlm, seqs: &[&Seq], row_invariant: bool, whole: bool) -> Vec<
                 ids: &seqs[i].ids[held..held + len],
                 features: f.as_ref(),
                 logits: held + len >= seqs[i].prompt_len,
+                greedy: false,
             })
             .collect();
         let mut slots: Vec<Option<&mut BlockTable>> = tables.iter_mut().map(Some).collect();

@@ -76,4 +76,11 @@ fn device_cuda_without_the_feature_is_a_clear_error() {
         .code(1)
         .stderr(predicate::str::contains("no CUDA backend"))
         .stderr(predicate::str::contains("panicked").not());
+    facellm()
+        .args(["serve", "--model", "demo", "--port", "0", "--device", "cuda"])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no CUDA backend"))
+        .stderr(predicate::str::contains("panicked").not());
 }

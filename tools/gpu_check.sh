@@ -8,8 +8,9 @@
 # models and the GPU scheduler against the CPU model), then `facellm bench --device cuda` and the HF
 # transformers reference (tools/bench_gpu_hf.py) on the same card in the same run, and leaves every output
 # under $OUT (default /tmp/facellm-gpu-check) with a Markdown summary. If a v2 paged-decode row of the
-# selfcheck fails, the benches run with the verified v1 kernel (FACELLM_ATTN=v1) and say so. Exit status:
-# the selfcheck's, so a failing kernel fails the check even when the benchmarks ran.
+# selfcheck fails, the benches run with the verified v1 kernel (FACELLM_ATTN=v1) and say so. Between the
+# selfcheck and the benches, tools/gpu_serve_check.py drives `facellm serve --device cuda`. Exit status: the
+# selfcheck's (else the serve check's), so a failing kernel fails the check even when the benchmarks ran.
 #
 # The device tool brings back at most 8 files from $OUT: the three that matter (selfcheck.txt, summary.md,
 # gpu.txt) stay at the top and everything else is packed into raw.tar.gz at the end.
@@ -42,6 +43,13 @@ if grep -E "paged_attention_decode_bf16.*v2.*FAIL" "$out/selfcheck.txt" >/dev/nu
     export FACELLM_ATTN=v1
 fi
 
+# The OpenAI server with its engine on the GPU (demo model): answers, cache hits, every block freed.
+timeout 120 python3 tools/gpu_serve_check.py --facellm "$bin" >"$out/serve.json" 2>"$out/serve.err"
+serve_status=$?
+echo "serve --device cuda check exit $serve_status"
+cat "$out/serve.json"
+[[ $serve_status -ne 0 && $status -eq 0 ]] && status=$serve_status
+
 # 2. facellm's timings, then HF's, on the same card in this same run.
 timeout 60 "$bin" bench --device cuda --vision 300m,6b --tiles 1,7,13 --kernels >"$out/bench_facellm_vision.json" \
     2>"$out/bench_facellm_vision.err"
@@ -73,6 +81,7 @@ PY
 fi
 python3 tools/gpu_summary.py "$out" >"$out/summary.md"
 grep -E -A1 "  FAIL$" "$out/selfcheck.txt" >>"$out/summary.md"
+{ echo; echo "serve --device cuda (tools/gpu_serve_check.py), exit $serve_status:"; cat "$out/serve.json"; } >>"$out/summary.md"
 cat "$out/summary.md"
 (cd "$out" && tar czf raw.tar.gz --remove-files ./*.json ./*.err 2>/dev/null)
 exit "$status"

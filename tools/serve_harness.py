@@ -31,9 +31,11 @@ def default_binary():
     raise SystemExit("no facellm binary: run `cargo build --release` or pass --facellm")
 
 
-def demo_model(binary, folder):
-    """The demo model (same weights as `serve --model demo`) and its bundled face photo, saved to `folder`."""
-    subprocess.run([binary, "--quiet", "demo", "--max-new-tokens", "1", "--save-model", folder, "--output", "json"],
+def demo_model(binary, folder, gpu_shapes=False):
+    """The demo model (same weights as `serve --model demo`) and its bundled face photo, saved to `folder`;
+    `gpu_shapes`: the variant with head dims 64 that the CUDA kernels take."""
+    subprocess.run([binary, "--quiet", "demo", "--max-new-tokens", "1", "--save-model", folder, "--output", "json",
+                    *(["--gpu-shapes"] if gpu_shapes else [])],
                    check=True, stdout=subprocess.DEVNULL)
     return Path(folder) / "pd_astronaut_eileen_collins.jpg"
 

@@ -149,7 +149,7 @@ pub fn select_device(device: Device) -> anyhow::Result<()> {
         ),
         #[cfg(feature = "cuda")]
         Device::Cuda => anyhow::bail!(
-            "--device cuda: this command runs on the CPU only so far (`generate` and `bench` run on the GPU); use --device cpu"
+            "--device cuda: this command runs on the CPU only so far (`generate`, `serve` and `bench` run on the GPU); use --device cpu"
         ),
     }
 }

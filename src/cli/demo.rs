@@ -31,17 +31,26 @@ pub struct Args {
     /// Also keep the demo model folder here (to try `generate`, `chat`, `info` on it).
     #[arg(long)]
     save_model: Option<std::path::PathBuf>,
+    /// Use the demo model in the shapes the CUDA kernels take (head dims 64, no RoPE scaling), e.g. to save
+    /// one for `--device cuda`; the demo itself still runs on the CPU.
+    #[arg(long)]
+    gpu_shapes: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dir = tempfile::Builder::new().prefix("facellm-demo-").tempdir()?;
-    facellm::model::random::write_demo_model(dir.path(), "demo")?;
+    let config = if args.gpu_shapes {
+        facellm::model::random::demo_config_json_gpu()
+    } else {
+        facellm::model::random::demo_config_json()
+    };
+    facellm::model::random::write_demo_model_with(dir.path(), "demo", &config)?;
     let image = dir.path().join("pd_astronaut_eileen_collins.jpg");
     std::fs::write(&image, FACE)?;
     let build_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(keep) = &args.save_model {
-        facellm::model::random::write_demo_model(keep, "demo")?;
+        facellm::model::random::write_demo_model_with(keep, "demo", &config)?;
         std::fs::write(keep.join("pd_astronaut_eileen_collins.jpg"), FACE)?;
     }
 

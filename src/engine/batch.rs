@@ -23,9 +23,11 @@
 //! shared with the HTTP side so a hit skips even the image decoding) and the KV prefix cache of `kv`
 //! (full blocks found by content, kept after their sequence ends by a `PrefixRetainer`).
 //!
-//! The model side is the `BatchModel` trait: the CPU `FaceLlm` implements it, and the CUDA engine is meant
-//! to slot in behind the same scheduler and handle (block tables, prefix cache and retainer are
-//! device-independent bookkeeping; the pool's storage is what changes).
+//! The model side is the `BatchModel` trait: the CPU `FaceLlm` implements it with the keys and values in
+//! the scheduler's host pool; a device model (`engine::gpu::GpuBatchModel`) keeps them in its own storage
+//! with the same layout and block ids, and the scheduler's pool only counts the blocks (block tables,
+//! prefix cache, retainer and preemption are device-independent bookkeeping; copy-on-write copies are
+//! handed to the model with the step).
 
 mod metrics;
 mod scheduler;
@@ -50,6 +52,22 @@ use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
+/// Where a device model keeps its KV blocks (see `BatchModel::device_kv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceKv {
+    pub blocks: usize,
+    pub block_size: usize,
+}
+
+/// What one batched pass gives back for the rows that asked for logits (`BatchInput::logits`), in order.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// `[rows, vocab]`; may be `None` when every such row was `greedy` and `argmax` is given.
+    pub logits: Option<Tensor>,
+    /// The argmax of each such row (first index on ties), when the model computed it on its device.
+    pub argmax: Option<Vec<u32>>,
+}
+
 /// What the scheduler needs from a model.
 pub trait BatchModel {
     /// Positions the model can attend over (prompt plus answer).
@@ -61,13 +79,20 @@ pub trait BatchModel {
     fn kv_shape(&self) -> (usize, usize, usize);
     /// Projector features `[tiles * 256, hidden]` of tiles `[tiles, 3, 448, 448]`.
     fn encode_images(&self, pixel_values: &Tensor) -> Result<Tensor>;
-    /// One batched pass (see `FaceLlm::forward_batch`).
+    /// `None` (the default): the keys and values live in the scheduler's host pool and `forward_batch`
+    /// attends through `kv`. `Some`: the model keeps this many blocks of this size on its device, in the
+    /// layout of `kv`; the scheduler's pool only counts them, and `forward_batch` reads the block ids and the
+    /// copy-on-write copies from `kv` (`blocks`, `take_copies`) and never calls `attend`.
+    fn device_kv(&self) -> Option<DeviceKv> {
+        None
+    }
+    /// One batched pass (see `FaceLlm::forward_batch`): for each input, `kv.reserve`, the pass, `kv.commit`.
     fn forward_batch(
         &self,
         inputs: &[BatchInput],
         kv: &mut dyn BatchKvStore,
         row_invariant: bool,
-    ) -> Result<Option<Tensor>>;
+    ) -> Result<BatchOutput>;
 }
 
 impl BatchModel for FaceLlm {
@@ -92,8 +117,8 @@ impl BatchModel for FaceLlm {
         inputs: &[BatchInput],
         kv: &mut dyn BatchKvStore,
         row_invariant: bool,
-    ) -> Result<Option<Tensor>> {
-        FaceLlm::forward_batch(self, inputs, kv, row_invariant)
+    ) -> Result<BatchOutput> {
+        Ok(BatchOutput { logits: FaceLlm::forward_batch(self, inputs, kv, row_invariant)?, argmax: None })
     }
 }
 
@@ -205,6 +230,8 @@ pub struct Summary {
     pub completion_tokens: usize,
     /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
+    /// The generated ids (EOS not included), for callers that check tokens rather than text.
+    pub completion_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -297,16 +324,23 @@ impl EngineHandle {
         tokenizer: Arc<Tokenizer>,
         cfg: EngineConfig,
     ) -> Result<EngineHandle> {
+        EngineHandle::spawn_with(move || Ok(model), tokenizer, cfg)
+    }
+
+    /// As `spawn`, with the model built by `build` on the engine thread itself (a device model stays on the
+    /// thread whose context it was made in). Waits for the build and returns its error, if any.
+    pub fn spawn_with<M, F>(build: F, tokenizer: Arc<Tokenizer>, mut cfg: EngineConfig) -> Result<EngineHandle>
+    where
+        M: BatchModel + 'static,
+        F: FnOnce() -> Result<M> + Send + 'static,
+    {
         cfg.validate()?;
-        let (layers, kv_heads, head_dim) = model.kv_shape();
-        KvLayout::new(layers, kv_heads, head_dim, cfg.block_size)?;
         let metrics = Arc::new(EngineMetrics::default());
         let vision = Arc::new(Mutex::new(VisionCache::new(cfg.vision_cache_entries, cfg.vision_cache_bytes)));
         let slots = Slots::new(cfg.max_seqs + cfg.max_queue);
         let alive = Arc::new(AtomicBool::new(true));
-        let (context, vocab, image_token_id) = (model.context(), model.vocab(), model.image_token_id());
-        let kv_capacity_tokens = cfg.kv_capacity_tokens();
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(ModelInfo, EngineConfig)>>(1);
         let thread = {
             let (metrics, vision, alive) = (metrics.clone(), vision.clone(), alive.clone());
             std::thread::Builder::new()
@@ -314,9 +348,38 @@ impl EngineHandle {
                 .spawn(move || {
                     // Cleared however the thread ends, a panic included, so `/health` tells the truth.
                     let _alive = ClearOnDrop(alive);
+                    let model = match build().and_then(|m| {
+                        adopt_device_kv(&m, &mut cfg)?;
+                        let (layers, kv_heads, head_dim) = m.kv_shape();
+                        KvLayout::new(layers, kv_heads, head_dim, cfg.block_size)?;
+                        Ok(m)
+                    }) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let info = ModelInfo {
+                        context: model.context(),
+                        vocab: model.vocab(),
+                        image_token_id: model.image_token_id(),
+                    };
+                    let _ = ready_tx.send(Ok((info, cfg.clone())));
                     run(&model, &tokenizer, cfg, metrics, vision, rx);
                 })
                 .map_err(|e| Error::Invalid(format!("engine: cannot start its thread: {e}")))?
+        };
+        let (info, cfg) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Invalid("engine: its thread ended while loading the model".into()));
+            }
         };
         Ok(EngineHandle {
             tx,
@@ -325,10 +388,10 @@ impl EngineHandle {
             vision,
             slots,
             alive,
-            context,
-            vocab,
-            kv_capacity_tokens,
-            image_token_id,
+            context: info.context,
+            vocab: info.vocab,
+            kv_capacity_tokens: cfg.kv_capacity_tokens(),
+            image_token_id: info.image_token_id,
         })
     }
 
@@ -357,6 +420,24 @@ impl EngineHandle {
             let _ = t.join();
         }
     }
+}
+
+struct ModelInfo {
+    context: usize,
+    vocab: usize,
+    image_token_id: u32,
+}
+
+/// A device model brings its own pool size and block size; the configuration takes them.
+pub(crate) fn adopt_device_kv<M: BatchModel>(model: &M, cfg: &mut EngineConfig) -> Result<()> {
+    if let Some(d) = model.device_kv() {
+        if d.blocks == 0 || d.block_size == 0 {
+            return Err(Error::Invalid(format!("engine: the model's device KV cache is empty ({d:?})")));
+        }
+        cfg.kv_blocks = d.blocks;
+        cfg.block_size = d.block_size;
+    }
+    Ok(())
 }
 
 /// The engine thread: commands in, steps while there is work, sleep on the channel when there is none.

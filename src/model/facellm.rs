@@ -27,6 +27,9 @@ pub struct BatchInput<'a> {
     pub features: Option<&'a Tensor>,
     /// Whether the logits of the last token are wanted (false for a prefill chunk that is not the last).
     pub logits: bool,
+    /// The caller will take the plain argmax of those logits: a device model may hand back the argmax
+    /// alone and skip copying the row to the host (`engine::batch::BatchOutput`).
+    pub greedy: bool,
 }
 
 pub struct FaceLlm {

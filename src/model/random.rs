@@ -162,10 +162,29 @@ pub fn demo_config_json() -> String {
     .to_string()
 }
 
+/// The demo configuration in the shapes the CUDA kernels take: head dims of 64 in the vision tower (2 heads)
+/// and the language model (2 query heads, 1 kv head), no RoPE scaling; otherwise the demo model.
+pub fn demo_config_json_gpu() -> String {
+    let mut v: serde_json::Value = serde_json::from_str(&demo_config_json()).unwrap_or_default();
+    v["vision_config"]["num_attention_heads"] = 2.into();
+    let t = &mut v["text_config"];
+    t["num_attention_heads"] = 2.into();
+    t["num_key_value_heads"] = 1.into();
+    if let Some(m) = t.as_object_mut() {
+        m.remove("rope_scaling");
+    }
+    v.to_string()
+}
+
 /// Writes a complete model folder (config, generation config, random bf16 weights, the bundled InternVL3
 /// tokenizer) with the demo architecture; `seed_name` namespaces the weights.
 pub fn write_demo_model(dir: &Path, seed_name: &str) -> Result<()> {
-    write_random_model(dir, &demo_config_json(), seed_name, &RecipeGains::default())?;
+    write_demo_model_with(dir, seed_name, &demo_config_json())
+}
+
+/// `write_demo_model` with another configuration (`demo_config_json_gpu` for the GPU).
+pub fn write_demo_model_with(dir: &Path, seed_name: &str, config_json: &str) -> Result<()> {
+    write_random_model(dir, config_json, seed_name, &RecipeGains::default())?;
     let gen = dir.join("generation_config.json");
     std::fs::write(&gen, r#"{"bos_token_id": 151643, "eos_token_id": 151645}"#).map_err(|e| Error::io(&gen, e))?;
     crate::tokenizer::write_internvl3_files(dir)

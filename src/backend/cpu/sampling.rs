@@ -113,6 +113,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether every choice is the plain argmax of the logits (greedy, no repetition penalty), so a device
+    /// may choose the token itself.
+    pub fn is_argmax(&self) -> bool {
+        self.params.is_greedy() && self.params.repetition_penalty == 1.0
+    }
+
     /// The next id for `logits [vocab]`, given every id of the sequence so far (prompt and generated).
     pub fn sample(&mut self, logits: &[f32], previous: &[u32]) -> Result<u32> {
         let p = &self.params;

@@ -87,13 +87,19 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
     pub fn new(
         model: &'m M,
         tok: &'m Tokenizer,
-        cfg: EngineConfig,
+        mut cfg: EngineConfig,
         metrics: Arc<EngineMetrics>,
         vision: Arc<Mutex<VisionCache>>,
     ) -> Result<Self> {
         cfg.validate()?;
+        super::adopt_device_kv(model, &mut cfg)?;
         let (layers, kv_heads, head_dim) = model.kv_shape();
-        let pool = BlockPool::new(KvLayout::new(layers, kv_heads, head_dim, cfg.block_size)?, cfg.kv_blocks)?;
+        let layout = KvLayout::new(layers, kv_heads, head_dim, cfg.block_size)?;
+        // A device model stores the blocks itself: the pool here only counts them.
+        let pool = match model.device_kv() {
+            Some(_) => BlockPool::accounting(layout, cfg.kv_blocks)?,
+            None => BlockPool::new(layout, cfg.kv_blocks)?,
+        };
         metrics.kv_blocks_total.store(cfg.kv_blocks as u64, Ordering::Relaxed);
         Ok(Scheduler {
             model,
@@ -446,7 +452,7 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
             let Sequence { tokens, table, .. } = s;
             let ids = &tokens[start..start + n];
             let logits = start + n == tokens.len();
-            inputs.push(BatchInput { ids, features: f.as_ref(), logits });
+            inputs.push(BatchInput { ids, features: f.as_ref(), logits, greedy: s.sampler.is_argmax() });
             kv_seqs.push((table, ids));
             wants.push(logits);
         }
@@ -454,13 +460,13 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
             return Ok(());
         }
         let mut kv = PagedBatch::new(&mut self.pool, kv_seqs, row_invariant);
-        let logits = self.model.forward_batch(&inputs, &mut kv, row_invariant)?;
+        let out = self.model.forward_batch(&inputs, &mut kv, row_invariant)?;
         drop(kv);
         drop(inputs);
         bump(&self.metrics.steps);
 
-        let vocab = logits.as_ref().map_or(0, |l| l.shape()[1]);
-        let logits = match &logits {
+        let vocab = out.logits.as_ref().map_or(0, |l| l.shape()[1]);
+        let logits = match &out.logits {
             Some(l) => l.f32s()?,
             None => &[],
         };
@@ -472,12 +478,18 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
             if n == 0 || seq.pending() != 0 {
                 continue;
             }
-            let Some(l) = logits.get(row * vocab..(row + 1) * vocab) else {
-                outcomes.push((i, Outcome::Failed(Failure::Internal("engine: missing logits row".into()))));
-                continue;
+            let argmax = out.argmax.as_ref().and_then(|a| a.get(row).copied()).filter(|_| seq.sampler.is_argmax());
+            let choice = match (argmax, logits.get(row * vocab..(row + 1) * vocab)) {
+                (Some(id), _) => Ok(id),
+                (None, Some(l)) => seq.sampler.sample(l, &seq.tokens),
+                (None, None) => {
+                    outcomes.push((i, Outcome::Failed(Failure::Internal("engine: missing logits row".into()))));
+                    row += 1;
+                    continue;
+                }
             };
             row += 1;
-            if let Some(out) = self.sample_next(i, l, now) {
+            if let Some(out) = self.accept(i, choice, now) {
                 outcomes.push((i, out));
             }
         }
@@ -489,12 +501,12 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
         Ok(())
     }
 
-    /// Samples the next token of running sequence `i` from its logits and streams what it adds; returns how
-    /// the sequence ends, if it does.
-    fn sample_next(&mut self, i: usize, logits: &[f32], now: Instant) -> Option<Outcome> {
+    /// Takes the next token of running sequence `i` (as sampled) and streams what it adds; returns how the
+    /// sequence ends, if it does.
+    fn accept(&mut self, i: usize, choice: Result<u32>, now: Instant) -> Option<Outcome> {
         let m = &self.metrics;
         let seq = &mut self.running[i];
-        let id = match seq.sampler.sample(logits, &seq.tokens) {
+        let id = match choice {
             Ok(id) => id,
             Err(e) => return Some(Outcome::Failed(Failure::Internal(format!("sampling: {e}")))),
         };
@@ -547,6 +559,7 @@ impl<'m, M: BatchModel> Scheduler<'m, M> {
                     prompt_tokens: seq.prompt_len,
                     completion_tokens: seq.generated,
                     cached_tokens: seq.cached_tokens.unwrap_or(0),
+                    completion_ids: seq.tokens[seq.prompt_len..].to_vec(),
                 }));
             }
             Outcome::Cancelled => bump(&m.cancelled),

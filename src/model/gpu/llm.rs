@@ -160,6 +160,35 @@ impl GpuKvCache {
         self.num_blocks
     }
 
+    /// Copies every layer's k and v of block `src` into block `dst` (copy-on-write of a shared block), on
+    /// the device's stream, ordered before whatever is launched next.
+    pub fn copy_block(&mut self, dev: &CudaDevice, src: u32, dst: u32) -> Result<()> {
+        let (s, d) = (src as usize, dst as usize);
+        if s == d || s >= self.num_blocks || d >= self.num_blocks {
+            return Err(Error::Invalid(format!(
+                "kv cache: cannot copy block {src} to block {dst} in a cache of {} blocks",
+                self.num_blocks
+            )));
+        }
+        let n = self.k.first().map_or(0, |b| b.len() / self.num_blocks);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            // One slice holds both blocks: split it between them so one side is read and the other written.
+            let (lo, hi) = (s.min(d), s.max(d));
+            let mut whole = buf.as_view_mut();
+            let (mut left, mut right) = whole
+                .try_split_at_mut(hi * n)
+                .ok_or_else(|| Error::Invalid("kv cache: block copy out of range".into()))?;
+            let mut low = left.slice_mut(lo * n..(lo + 1) * n);
+            let mut high = right.slice_mut(0..n);
+            if s < d {
+                guarded("copy kv block", || dev.stream.memcpy_dtod(&low, &mut high))?;
+            } else {
+                guarded("copy kv block", || dev.stream.memcpy_dtod(&high, &mut low))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes the cache holds on the device.
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|b| b.len() * 2).sum()
