@@ -76,8 +76,9 @@ fn vision_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, name: &str,
         report.error(&op, "-", "config has no vision tower");
         return;
     };
-    // (shape, gpu vision_out, cpu vision_out, gpu features, cpu features, graph-replayed gpu features)
-    type Outputs = (String, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+    // (shape, gpu vision_out, cpu vision_out, gpu features, cpu features, eager features on the graph's
+    // workspace, graph-replayed features)
+    type Outputs = (String, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
     let mut run = || -> crate::Result<Outputs> {
         let vp = VisionParams::from_config(&ivl.vision_config)?;
         let text_hidden = config.text().hidden_size;
@@ -88,10 +89,15 @@ fn vision_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, name: &str,
         let out = gpu.forward_host(dev, &pixels, tiles)?;
         let g_vis = super::super::widen(&buffer::download(dev, &out.vision_out)?);
         let g_feat = super::super::widen(&buffer::download(dev, &out.features)?);
-        // The same forward captured into a CUDA graph and replayed twice must give the eager features exactly.
+        // The same forward on a second workspace, eager, then captured into a CUDA graph and replayed twice:
+        // the replay must give the eager features on that workspace exactly (same buffers, same GEMM plans).
         let mut ws = VisionWorkspace::new(dev, &vp, text_hidden, tiles)?;
         let host: Vec<bf16> = pixels.iter().map(|&v| bf16::from_f32(v)).collect();
         crate::backend::cuda::guarded("upload pixels", || dev.stream.memcpy_htod(&host, &mut ws.pixels))?;
+        gpu.forward_ws(dev, &mut ws, false)?;
+        let eager_ws = super::super::widen(&buffer::download(dev, &ws.features)?);
+        let poison = vec![buffer::POISON_BF16; ws.features.len()];
+        crate::backend::cuda::guarded("poison features", || dev.stream.memcpy_htod(&poison, &mut ws.features))?;
         gpu.forward_ws(dev, &mut ws, true)?;
         gpu.forward_ws(dev, &mut ws, true)?;
         let replay = super::super::widen(&buffer::download(dev, &ws.features)?);
@@ -101,13 +107,16 @@ fn vision_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, name: &str,
         let vision_out = tower.forward(&px)?;
         let (_, features) = projector.forward(&vision_out)?;
         let shape = format!("{tiles} tiles, h {} x{} layers, D {text_hidden}", vp.hidden, vp.layers);
-        Ok((shape, g_vis, vision_out.to_f32_vec(), g_feat, features.to_f32_vec(), replay))
+        Ok((shape, g_vis, vision_out.to_f32_vec(), g_feat, features.to_f32_vec(), eager_ws, replay))
     };
     match run() {
-        Ok((shape, g_vis, c_vis, g_feat, c_feat, replay)) => {
+        Ok((shape, g_vis, c_vis, g_feat, c_feat, eager_ws, replay)) => {
             compare_output(report, &format!("{op}: vision_out"), &shape, &g_vis, &c_vis, 3e-2);
             compare_output(report, &format!("{op}: features"), &shape, &g_feat, &c_feat, 5e-2);
-            report.compare(&format!("{op}: CUDA graph replay == eager"), &shape, &replay, &g_feat, 0.0, 0.0);
+            // Two workspaces may get GEMM plans of different alignment classes: within rounding, and the
+            // row's max error says whether they were bit-equal.
+            compare_output(report, &format!("{op}: eager, second workspace"), &shape, &eager_ws, &g_feat, 5e-2);
+            report.compare(&format!("{op}: CUDA graph replay == eager"), &shape, &replay, &eager_ws, 0.0, 0.0);
         }
         Err(e) => report.error(&op, "-", e),
     }
