@@ -331,9 +331,12 @@ __device__ inline void reduce(const float* __restrict__ ws, const uint32_t* __re
 //
 // Block: 128 threads (4 warps), one kv head and up to kV2Heads = 8 of its query heads; warp w owns heads 2w and
 // 2w + 1 end to end (scores with lanes over tokens, online softmax with warp shuffles, P·V with lanes over
-// head-dim elements), so the only block barriers are around the shared k/v chunk. A partition is part_tokens =
-// 64 * chunks tokens (chosen by the launcher so that max_parts <= kV2MaxParts = 32); chunks are visited with the
-// online softmax.
+// head-dim elements), so the only block barriers are around the shared k/v chunk. A partition is 64 * chunks
+// tokens, chosen per sequence from its own context (not from the launch's max_context, which a CUDA graph fixes
+// for every replay): enough partitions that the launch has about kV2TargetBlocks blocks, at most the grid's
+// max_parts (<= kV2MaxParts = 32) and no shorter than min_part_tokens; chunks are visited with the online softmax.
+// So a 300-token context in a graph captured for 32k still spreads over 5 blocks per head at batch 1, and at
+// batch 64 it keeps one or two longer partitions instead of paying for many combines.
 //
 // Workspace (fp32 words), per sequence s at s * seq_stride, seq_stride = gridDim.y + hq * max_parts * (D + 2)
 // (independent of num_seqs, so a smaller batch never overwrites a larger batch's counters):
@@ -345,6 +348,7 @@ constexpr int kV2Threads = 32 * kV2Warps;
 constexpr int kV2Chunk = 64;     // tokens per shared-memory chunk (4 cache pages)
 constexpr int kV2Heads = 8;      // query heads per block (two per warp)
 constexpr int kV2MaxParts = 32;  // partitions per sequence at most: the combine gives each one lane
+constexpr int kV2TargetBlocks = 264;  // blocks a launch aims for (two per SM of an H100; a heuristic, unmeasured)
 constexpr int kV2PagesPerChunk = kV2Chunk / kPage;
 static_assert(kV2Heads == 2 * kV2Warps, "each warp owns two heads");
 static_assert(kV2MaxParts <= 32, "the combine holds one partition per lane");
@@ -384,7 +388,7 @@ __device__ inline void decode_v2(const __nv_bfloat16* __restrict__ q, int ld_q, 
                               const __nv_bfloat16* __restrict__ v_cache, const uint32_t* __restrict__ block_tables,
                               int max_blocks, const uint32_t* __restrict__ context_lens, __nv_bfloat16* __restrict__ o,
                               int ld_o, float* __restrict__ ws, int num_blocks, int hq, int hk, int max_parts,
-                              int part_tokens, float scale) {
+                              int min_part_tokens, float scale) {
     constexpr int kLdk = D + 8;
     constexpr int kCpr = D / 8;                           // 16-byte chunks per row
     constexpr int kCopies = kV2Chunk * kCpr / kV2Threads;     // 16-byte copies per thread per operand and chunk
@@ -409,12 +413,13 @@ __device__ inline void decode_v2(const __nv_bfloat16* __restrict__ q, int ld_q, 
     const int tid = threadIdx.x;
     const int warp = tid / 32;
     const int lane = tid % 32;
-    const int t0 = part * part_tokens;
     const uint32_t* table = block_tables + static_cast<size_t>(seq) * max_blocks;
 
-    // Issued together: the context length, this partition's first table entries (any index below max_blocks
-    // is readable; entries past the context are ignored below) and q.
+    // Issued together: the context length, the first table entries of this partition as it is when partitions
+    // are min_part_tokens long (any index below max_blocks is readable; entries past the context are ignored
+    // below) and q.
     const int ctx = static_cast<int>(context_lens[seq]);
+    int t0 = part * min_part_tokens;
     uint32_t blk[kV2PagesPerChunk];
 #pragma unroll
     for (int pg = 0; pg < kV2PagesPerChunk; ++pg) {
@@ -440,9 +445,14 @@ __device__ inline void decode_v2(const __nv_bfloat16* __restrict__ q, int ld_q, 
         }
     }
 
+    // This sequence's partitions: as many as bring the launch near kV2TargetBlocks, within max_parts.
+    const int chunks = (ctx + kV2Chunk - 1) / kV2Chunk;
+    const int per_seq = (kV2TargetBlocks + gridDim.y * gridDim.z - 1) / (gridDim.y * gridDim.z);
+    const int want_parts = max(1, min(max_parts, per_seq));
+    const int part_tokens = max(min_part_tokens, kV2Chunk * ((chunks + want_parts - 1) / want_parts));
     const int n_parts = (ctx + part_tokens - 1) / part_tokens;
     __nv_bfloat16* o_seq = o + static_cast<size_t>(seq) * ld_o + static_cast<size_t>(h0) * D;
-    // An empty context gives zeros; one longer than the table or than max_parts partitions gives NaN.
+    // An empty context gives zeros; one longer than the table gives NaN.
     if (ctx == 0 || ctx > max_blocks * kPage || n_parts > max_parts) {
         if (part == 0) {
             const float fill = ctx == 0 ? 0.0f : NAN;
@@ -454,6 +464,15 @@ __device__ inline void decode_v2(const __nv_bfloat16* __restrict__ q, int ld_q, 
     }
     if (part >= n_parts) {
         return;
+    }
+    if (part_tokens != min_part_tokens) {
+        // Longer partitions than the prefetch assumed: read this one's first table entries again.
+        t0 = part * part_tokens;
+#pragma unroll
+        for (int pg = 0; pg < kV2PagesPerChunk; ++pg) {
+            const int idx = t0 / kPage + pg;
+            blk[pg] = idx < max_blocks ? table[idx] : 0u;
+        }
     }
     const int t_end = min(ctx, t0 + part_tokens);
     const size_t row = static_cast<size_t>(hk) * D;
@@ -740,7 +759,8 @@ extern "C" __global__ void paged_attn_reduce_v1_hd128_bf16(const float* __restri
 }
 
 // paged_attn_decode_v2_hd{64,128}_bf16 (default): the decode above in one launch. Arguments as v1's, plus
-//   part_tokens: tokens per partition, a multiple of 64 with ceil(max_context / part_tokens) = max_parts <= 32
+//   max_parts: partitions per sequence in the grid, 1..=32 (a context takes at most that many)
+//   min_part_tokens: the shortest partition, a positive multiple of 64
 //   ws: fp32 workspace of num_seqs * (gridDim.y + hq * max_parts * (D + 2)) words, laid out per sequence as
 //       described at decode_v2 (counters first; they must be zero before the first launch and are left zero);
 //       unused when max_parts == 1
@@ -750,18 +770,18 @@ extern "C" __global__ void __launch_bounds__(kV2Threads) paged_attn_decode_v2_hd
     const __nv_bfloat16* __restrict__ q, int ld_q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const uint32_t* __restrict__ block_tables, int max_blocks,
     const uint32_t* __restrict__ context_lens, __nv_bfloat16* __restrict__ o, int ld_o, float* __restrict__ ws,
-    int num_blocks, int hq, int hk, int max_parts, int part_tokens, float scale) {
+    int num_blocks, int hq, int hk, int max_parts, int min_part_tokens, float scale) {
     decode_v2<64>(q, ld_q, k_cache, v_cache, block_tables, max_blocks, context_lens, o, ld_o, ws, num_blocks, hq, hk,
-                  max_parts, part_tokens, scale);
+                  max_parts, min_part_tokens, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(kV2Threads) paged_attn_decode_v2_hd128_bf16(
     const __nv_bfloat16* __restrict__ q, int ld_q, const __nv_bfloat16* __restrict__ k_cache,
     const __nv_bfloat16* __restrict__ v_cache, const uint32_t* __restrict__ block_tables, int max_blocks,
     const uint32_t* __restrict__ context_lens, __nv_bfloat16* __restrict__ o, int ld_o, float* __restrict__ ws,
-    int num_blocks, int hq, int hk, int max_parts, int part_tokens, float scale) {
+    int num_blocks, int hq, int hk, int max_parts, int min_part_tokens, float scale) {
     decode_v2<128>(q, ld_q, k_cache, v_cache, block_tables, max_blocks, context_lens, o, ld_o, ws, num_blocks, hq,
-                   hk, max_parts, part_tokens, scale);
+                   hk, max_parts, min_part_tokens, scale);
 }
 
 // write_kv_bf16: k_cache[slot[i]] = k[i], v_cache[slot[i]] = v[i] for every token i (vLLM's reshape_and_cache).

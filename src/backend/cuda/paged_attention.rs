@@ -94,15 +94,15 @@ impl DecodeShape {
         self.max_context.div_ceil(PARTITION).max(1)
     }
 
-    /// v2 tokens per partition: 64-token chunks, as few per partition as keep the partitions <= 32.
+    /// v2's shortest partition (one 64-token chunk). The kernel picks each sequence's partition length from
+    /// its own context and the launch's size (see `kernels/paged_attn.cu`, decode_v2), not from max_context.
     pub fn v2_part_tokens(&self) -> usize {
-        let chunks = self.max_context.div_ceil(V2_CHUNK).div_ceil(V2_MAX_PARTS).max(1);
-        V2_CHUNK * chunks
+        V2_CHUNK
     }
 
-    /// v2 partitions per sequence in the grid (<= 32).
+    /// v2 partitions per sequence in the grid: one per 64-token chunk of max_context, at most 32.
     pub fn v2_max_parts(&self) -> usize {
-        self.max_context.div_ceil(self.v2_part_tokens()).max(1)
+        self.max_context.div_ceil(V2_CHUNK).clamp(1, V2_MAX_PARTS)
     }
 
     /// Decode blocks per (sequence, partition): one per kv head and 8-head slice of its query group.
@@ -325,8 +325,8 @@ pub struct DecodeInputs<'a, 'b> {
 /// One decode step: `out[s, j] = softmax(q[s, j] · k[s, ..ctx]ᵀ · scale) v[s, ..ctx]` with `k`, `v` the first
 /// `context_lens[s]` tokens of sequence s's table (GQA: head j reads kv head `j / (hq / hk)`). `workspace`
 /// holds at least `s.workspace_len()` f32 (None allowed when that is 0). The kernel checks the device arrays: a
-/// context of 0 gives zeros (an idle batch slot); one longer than the table or `max_context`, or a table entry
-/// past the pool, gives NaN. Runs the kernel [`attn_version`] picks; the workspace must have been zeroed once
+/// context of 0 gives zeros (an idle batch slot); one longer than the table (v1: or than `max_context`), or a
+/// table entry past the pool, gives NaN. Runs the kernel [`attn_version`] picks; the workspace must have been zeroed once
 /// (see the module notes).
 pub fn paged_attention_decode_bf16(
     dev: &CudaDevice,
@@ -389,8 +389,9 @@ pub fn paged_attention_decode_bf16_version(
     // pointer otherwise, never dereferenced since every context the kernel accepts has one partition). The
     // kernel bounds each context by the table and max_parts and each block id by num_blocks before reading.
     // Grid (max_parts, hk*ceil(group/8) <= 65535, num_seqs <= 65535) of 256 threads, static shared memory.
-    // v2: paged_attn_decode_v2_hd{64,128}_bf16 takes the same arguments plus `int part_tokens` before `scale`;
-    // part_tokens is a multiple of 64 with max_parts = ceil(max_context / part_tokens) <= 32 partitions, the
+    // v2: paged_attn_decode_v2_hd{64,128}_bf16 takes the same arguments plus `int min_part_tokens` before
+    // `scale`; min_part_tokens is 64, max_parts = min(32, ceil(max_context / 64)) (the kernel sizes each
+    // sequence's partitions from its context so that it never takes more than max_parts), the
     // workspace (needed whenever max_parts > 1, checked above) holds num_seqs * v2_seq_stride f32 laid out as
     // the kernel computes it (counters per grid row y, then partials), grid as v1 with 128 threads and
     // v2_smem_bytes (< 48 KiB) of dynamic shared memory.
@@ -560,11 +561,11 @@ mod tests {
     fn decode_grid_is_fixed_by_num_seqs_and_max_context() {
         let (s, l) = decode_shape();
         assert_eq!(s.max_parts(), 12);
-        // v2: 47 chunks of 64 over at most 32 partitions: 24 partitions of 128 tokens.
-        assert_eq!((s.v2_part_tokens(), s.v2_max_parts()), (128, 24));
-        assert_eq!(s.v2_seq_stride(), 2 + 14 * 24 * 66);
-        // v2's partials (24 partitions) outweigh v1's (12).
-        assert_eq!(s.workspace_len(), 6 * (2 + 14 * 24 * 66));
+        // v2: 47 chunks of 64, a grid of 32 partitions (each sequence's length is chosen in the kernel).
+        assert_eq!((s.v2_part_tokens(), s.v2_max_parts()), (64, 32));
+        assert_eq!(s.v2_seq_stride(), 2 + 14 * 32 * 66);
+        // v2's partials (32 partitions) outweigh v1's (12).
+        assert_eq!(s.workspace_len(), 6 * (2 + 14 * 32 * 66));
         let p = plan_decode(&s, &l, V1).expect("valid").expect("work");
         assert_eq!(p.decode.grid_dim, (12, 2, 6));
         assert_eq!(p.decode.block_dim, (256, 1, 1));
@@ -572,15 +573,15 @@ mod tests {
         assert_eq!((name, cfg.grid_dim, cfg.block_dim), ("paged_attn_reduce_v1_hd64_bf16", (14, 6, 1), (64, 1, 1)));
         assert_eq!(p.num_blocks, 1000);
         let p = plan_decode(&s, &l, V2).expect("valid").expect("work");
-        assert_eq!((p.decode_kernel, p.decode.grid_dim), ("paged_attn_decode_v2_hd64_bf16", (24, 2, 6)));
+        assert_eq!((p.decode_kernel, p.decode.grid_dim), ("paged_attn_decode_v2_hd64_bf16", (32, 2, 6)));
         assert_eq!((p.decode.block_dim, p.decode.shared_mem_bytes), ((128, 1, 1), 21504));
-        assert!(p.reduce.is_none() && p.uses_workspace && p.part_tokens == 128);
-        // The bench's 640-token graphs: 10 partitions of 64.
+        assert!(p.reduce.is_none() && p.uses_workspace && p.part_tokens == 64);
+        // The bench's 640-token graphs: 10 partitions.
         let bench = DecodeShape { max_context: 640, ..s };
         assert_eq!((bench.v2_part_tokens(), bench.v2_max_parts()), (64, 10));
-        // Serving at 32k: 512 chunks, 32 partitions of 1024.
+        // Serving at 32k: still a grid of 32 partitions; a short context uses as many as it has chunks.
         let long = DecodeShape { max_context: 32768, ..s };
-        assert_eq!((long.v2_part_tokens(), long.v2_max_parts()), (1024, 32));
+        assert_eq!((long.v2_part_tokens(), long.v2_max_parts()), (64, 32));
         // One partition of each: no reduce, no workspace needed.
         let short = DecodeShape { max_context: 64, ..s };
         assert_eq!(short.workspace_len(), 0);
@@ -598,7 +599,7 @@ mod tests {
         let wide = DecodeShape { hq: 18, ld_o: 18 * 64, ld_q: 18 * 64, ..s };
         let l9 = DecodeLens { out: 6 * 18 * 64, q: 6 * 18 * 64, workspace: Some(wide.workspace_len()), ..l };
         assert_eq!(plan_decode(&wide, &l9, V1).expect("valid").expect("work").decode.grid_dim, (12, 4, 6));
-        assert_eq!(plan_decode(&wide, &l9, V2).expect("valid").expect("work").decode.grid_dim, (24, 4, 6));
+        assert_eq!(plan_decode(&wide, &l9, V2).expect("valid").expect("work").decode.grid_dim, (32, 4, 6));
         // 8B: 28 heads over 4 kv heads of 128.
         let big = DecodeShape { hq: 28, hk: 4, head_dim: 128, ld_q: 36 * 128, ld_o: 28 * 128, ..s };
         let lb = DecodeLens {
@@ -612,7 +613,7 @@ mod tests {
         let p = plan_decode(&big, &lb, V1).expect("valid").expect("work");
         assert_eq!((p.decode_kernel, p.decode.grid_dim), ("paged_attn_decode_v1_hd128_bf16", (12, 4, 6)));
         let p = plan_decode(&big, &lb, V2).expect("valid").expect("work");
-        assert_eq!((p.decode_kernel, p.decode.grid_dim), ("paged_attn_decode_v2_hd128_bf16", (24, 4, 6)));
+        assert_eq!((p.decode_kernel, p.decode.grid_dim), ("paged_attn_decode_v2_hd128_bf16", (32, 4, 6)));
         assert_eq!(p.decode.shared_mem_bytes, 39936);
     }
 

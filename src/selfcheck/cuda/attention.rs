@@ -596,6 +596,12 @@ pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
     // One partition for both versions (no workspace), and the 1B bench shape (10 v2 partitions of 64).
     decode_case(dev, report, rng, &[5, 64, 0], (14, 2, 64), 64);
     decode_case(dev, report, rng, &[300], (14, 2, 64), 640);
+    // v2 sizes partitions per sequence: a short context in a 32k launch (5 partitions of 64), and 40 sequences
+    // (fewer, longer partitions, whose first table entries are read again), with a long context among them.
+    decode_case(dev, report, rng, &[300], (14, 2, 64), 32768);
+    let many: Vec<usize> = (0..40).map(|i| 1 + (i * 97) % 700).chain([2500]).collect();
+    decode_case(dev, report, rng, &many, (14, 2, 64), 3000);
+    decode_case(dev, report, rng, &[2500, 1, 700], (28, 4, 128), 3000);
 
     write_kv_case(dev, report, rng, (2, 64), 0, 41, true);
     write_kv_case(dev, report, rng, (4, 128), 700, 1, true);
@@ -716,8 +722,11 @@ pub fn bench_cases<'a>(dev: &'a CudaDevice) -> Result<Vec<KernelCase<'a>>> {
     // Each decode shape with both kernels (shape labels start with v1 / v2). (seqs, ctx, max_context): the
     // bench's decode graphs use max_context 640; the batch-16 and long rows keep max_context = ctx.
     type Dims = (usize, usize, usize);
-    let decodes: [(&str, Dims, Dims); 7] = [
+    let decodes: [(&str, Dims, Dims); 9] = [
         ("1B decode, batch 1", (1, 300, 640), (14, 2, 64)),
+        // What `serve` and `generate` capture: graphs sized for a long context, replayed at a short one.
+        ("1B decode, batch 1, 32k graph", (1, 300, 32768), (14, 2, 64)),
+        ("1B decode, batch 64, 32k graph", (64, 300, 32768), (14, 2, 64)),
         ("1B decode, batch 1, short", (1, 50, 640), (14, 2, 64)),
         ("1B decode, batch 16", (16, 1000, 1000), (14, 2, 64)),
         ("1B decode, batch 64", (64, 100, 640), (14, 2, 64)),
