@@ -74,6 +74,18 @@ def main(out):
                      if x["batch"] not in {d["batch"] for f in fl["llm"] for d in f["decode"]}]
             for shape, x in extra:
                 print(f"HF only: {shape} batch {x['batch']} {x['mode']}: {x['tokens_per_s']:.0f} tok/s")
+    if fl and "engine" in fl:
+        raw = {(r["shape"], d["batch"]): d for r in fl.get("llm", []) for d in r["decode"]}
+        print()
+        print("| server engine (serve --device cuda) | batch | TTFT ms (median) | decode tok/s | ms/step | raw decode tok/s |")
+        print("|---|---|---|---|---|---|")
+        for r in fl["engine"]:
+            for x in r["runs"]:
+                d = raw.get((r["shape"], x["batch"]))
+                print(f"| {r['shape']} | {x['batch']} | {x['ttft_ms_median']:.1f} | {x['decode_tokens_per_s']:.0f} | "
+                      f"{x['decode_ms_per_step']:.3f} | {d['tokens_per_s']:.0f} |" if d else
+                      f"| {r['shape']} | {x['batch']} | {x['ttft_ms_median']:.1f} | {x['decode_tokens_per_s']:.0f} | "
+                      f"{x['decode_ms_per_step']:.3f} | - |")
 
 
 if __name__ == "__main__":

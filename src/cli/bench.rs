@@ -43,6 +43,10 @@ pub struct Args {
     /// With --device cuda: time every kernel's large-input case (GB/s against the copy bandwidth, TFLOP/s).
     #[arg(long)]
     kernels: bool,
+    /// With --device cuda and --llm: also run the server's engine (scheduler + GPU model, as `serve --device
+    /// cuda`) on each shape at each --batch size: time to first token and decode tok/s through it.
+    #[arg(long)]
+    engine: bool,
     /// Prompt lengths for prefill, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "40,512")]
     prompt_tokens: Vec<usize>,
@@ -231,6 +235,12 @@ fn run_cuda(args: &Args) -> anyhow::Result<()> {
     }
     if args.kernels {
         report["kernels"] = super::bench_cuda::kernels(&dev, copy)?;
+    }
+    if args.engine {
+        if args.llm.is_empty() {
+            anyhow::bail!("--engine needs --llm SHAPES (1b, 8b, 38b)");
+        }
+        report["engine"] = super::bench_cuda::engine(&args.llm, &args.batch, args.decode_tokens)?;
     }
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

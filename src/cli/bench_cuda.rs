@@ -220,3 +220,123 @@ pub fn llm(
     }
     Ok(Value::Array(out))
 }
+
+/// The server's engine on the GPU (`engine::batch::Scheduler` over `GpuBatchModel`), for each published
+/// shape: `b` greedy requests of a 41-token prompt and `decode_tokens` answers submitted together, run step by
+/// step as `facellm serve --device cuda` runs them. Reports the median time to first token and the decode
+/// throughput once every request has its first token, next to the raw decode loop of `llm` in the same
+/// report: the difference is what scheduling, sampling bookkeeping and streaming cost per step.
+pub fn engine(shapes: &[String], batches: &[usize], decode_tokens: usize) -> anyhow::Result<Value> {
+    use facellm::backend::SamplingParams;
+    use facellm::engine::batch::{
+        EngineConfig, EngineMetrics, Event, Request, Scheduler, SeqParams, Slots, VisionCache,
+    };
+    use facellm::engine::gpu::{GpuBatchModel, GpuOptions};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let tok = facellm::tokenizer::Tokenizer::internvl3()?;
+    let max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
+    let mut out = Vec::new();
+    for shape in shapes {
+        let config = ModelConfig::from_json_str("published config", &published_config(shape)?)?;
+        let dev = CudaDevice::new(0).map_err(|e| anyhow::anyhow!("bench --engine: {e}"))?;
+        let opts = GpuOptions {
+            max_seqs: max_batch,
+            max_context: 2048,
+            prefill_chunk: 512 + max_batch,
+            kv_fraction: 0.5,
+            kv_blocks: None,
+            graphs: true,
+        };
+        let src = WeightSource::DeviceRandom { case: format!("bench-{shape}") };
+        let model = GpuBatchModel::load(dev, &config, &src, &opts)?;
+        let prompt = super::bench::bench_ids(41);
+        let mut rows = Vec::new();
+        for &b in batches {
+            let cfg = EngineConfig {
+                max_seqs: max_batch,
+                max_queue: max_batch,
+                prefill_chunk: 512,
+                row_invariant: false,
+                ..EngineConfig::default()
+            };
+            let metrics = Arc::new(EngineMetrics::default());
+            let vision = Arc::new(Mutex::new(VisionCache::new(4, 1 << 20)));
+            let mut sched = Scheduler::new(&model, &tok, cfg, metrics, vision)?;
+            let slots = Slots::new(max_batch * 2);
+            let mut rxs = Vec::new();
+            let t0 = Instant::now();
+            for i in 0..b {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let mut ids = prompt.clone();
+                ids[0] += i as u32; // distinct prompts: no prefix sharing between the requests
+                sched.submit(Request {
+                    prompt: ids,
+                    images: vec![],
+                    params: SeqParams {
+                        max_tokens: decode_tokens,
+                        sampling: SamplingParams::greedy(),
+                        eos_ids: vec![],
+                        stop: vec![],
+                    },
+                    arrived: t0,
+                    deadline: None,
+                    events: tx,
+                    permit: slots.try_acquire().ok_or_else(|| anyhow::anyhow!("no slot"))?,
+                });
+                rxs.push(rx);
+            }
+            let mut first: Vec<Option<f64>> = vec![None; b];
+            let mut done = vec![0usize; b];
+            let mut t_all_first = None;
+            let mut steps = 0usize;
+            let mut steps_after = 0usize;
+            while !sched.is_idle() {
+                sched.step();
+                steps += 1;
+                if t_all_first.is_some() {
+                    steps_after += 1;
+                }
+                let now = t0.elapsed().as_secs_f64() * 1e3;
+                for (i, rx) in rxs.iter_mut().enumerate() {
+                    while let Ok(ev) = rx.try_recv() {
+                        match ev {
+                            Event::Text(_) => {
+                                first[i].get_or_insert(now);
+                            }
+                            Event::Done(s) => {
+                                first[i].get_or_insert(now);
+                                done[i] = s.completion_tokens;
+                            }
+                            Event::Failed(f) => anyhow::bail!("bench --engine: request {i} failed: {}", f.message()),
+                        }
+                    }
+                }
+                if t_all_first.is_none() && first.iter().all(Option::is_some) {
+                    t_all_first = Some(now);
+                }
+            }
+            let end = t0.elapsed().as_secs_f64() * 1e3;
+            let mut ttft: Vec<f64> = first.iter().map(|t| t.unwrap_or(end)).collect();
+            ttft.sort_by(|a, b| a.total_cmp(b));
+            let after = t_all_first.unwrap_or(end);
+            // Tokens produced after every request had its first one.
+            let later: usize = done.iter().map(|&n| n.saturating_sub(1)).sum();
+            rows.push(json!({
+                "batch": b,
+                "engine_steps": steps,
+                "ttft_ms_median": ttft[ttft.len() / 2],
+                "decode_ms_per_step": (end - after) / steps_after.max(1) as f64,
+                "decode_tokens_per_s": later as f64 * 1e3 / (end - after).max(1e-9),
+                "completion_tokens": done.iter().sum::<usize>(),
+            }));
+        }
+        out.push(json!({ "shape": shape, "max_context": 2048, "runs": rows }));
+    }
+    Ok(Value::Array(out))
+}
+
+fn published_config(shape: &str) -> anyhow::Result<String> {
+    Ok(facellm::model::random::published_config_json(shape)?)
+}
