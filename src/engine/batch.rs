@@ -29,6 +29,7 @@
 //! prefix cache, retainer and preemption are device-independent bookkeeping; copy-on-write copies are
 //! handed to the model with the step).
 
+mod device;
 mod metrics;
 mod scheduler;
 mod vision;
@@ -39,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use device::{plan_device_pass, DevicePass};
 pub use metrics::{EngineMetrics, Histogram};
 pub use scheduler::Scheduler;
 pub use vision::{ImageDigest, VisionCache};

@@ -261,9 +261,8 @@ impl crate::engine::batch::BatchModel for GpuBatchModel {
         for (src, dst) in kv.take_copies() {
             cache.copy_block(dev, src, dst)?;
         }
-        let is_decode = |i: usize| inputs[i].ids.len() == 1 && held[i] > 0 && inputs[i].features.is_none();
+        let plan = crate::engine::batch::plan_device_pass(inputs, &held, self.image_token_id, d)?;
         let seq = |i: usize| SeqInput { tokens: inputs[i].ids, start: held[i], blocks: &tables[i] };
-        let (dec, pre): (Vec<usize>, Vec<usize>) = (0..inputs.len()).partition(|&i| is_decode(i));
         // Per input: the argmax of its last row and, for rows sampled on the host, its logits.
         let mut argmax = vec![0u32; inputs.len()];
         let mut logits: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
@@ -279,51 +278,21 @@ impl crate::engine::batch::BatchModel for GpuBatchModel {
             }
             Ok(())
         };
-        if !dec.is_empty() {
-            let seqs: Vec<SeqInput> = dec.iter().map(|&i| seq(i)).collect();
+        if !plan.decode.is_empty() {
+            let seqs: Vec<SeqInput> = plan.decode.iter().map(|&i| seq(i)).collect();
             let ids = self.llm.decode(dev, cache, ws, &seqs, graphs.as_mut())?;
-            keep_logits(&dec, ws, ids)?;
+            keep_logits(&plan.decode, ws, ids)?;
         }
-        if !pre.is_empty() {
-            let seqs: Vec<SeqInput> = pre.iter().map(|&i| seq(i)).collect();
-            // Image rows of the whole step, in row order, and where they go.
-            let (mut rows, mut feats) = (Vec::new(), Vec::new());
-            let mut offset = 0;
-            for &i in &pre {
-                let inp = &inputs[i];
-                let at: Vec<i32> = inp
-                    .ids
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &t)| t == self.image_token_id)
-                    .map(|(r, _)| (offset + r) as i32)
-                    .collect();
-                match inp.features {
-                    Some(f) if f.shape() == [at.len(), d] => {
-                        rows.extend_from_slice(&at);
-                        feats.extend(f.f32s()?.iter().map(|&x| bf16::from_f32(x)));
-                    }
-                    Some(f) => {
-                        return Err(Error::Invalid(format!(
-                            "gpu engine: features {:?} for {} image tokens of hidden {d}",
-                            f.shape(),
-                            at.len()
-                        )))
-                    }
-                    None if !at.is_empty() => {
-                        return Err(Error::Invalid(format!("gpu engine: {} image tokens without features", at.len())))
-                    }
-                    None => {}
-                }
-                offset += inp.ids.len();
-            }
-            let ids = if rows.is_empty() {
+        if !plan.prefill.is_empty() {
+            let seqs: Vec<SeqInput> = plan.prefill.iter().map(|&i| seq(i)).collect();
+            let ids = if plan.image_rows.is_empty() {
                 self.llm.prefill(dev, cache, ws, &seqs, None)?
             } else {
+                let feats: Vec<bf16> = plan.features.iter().map(|&x| bf16::from_f32(x)).collect();
                 let f = crate::backend::cuda::buffer::upload(dev, &feats)?;
-                self.llm.prefill(dev, cache, ws, &seqs, Some((&f.as_view(), &rows)))?
+                self.llm.prefill(dev, cache, ws, &seqs, Some((&f.as_view(), &plan.image_rows)))?
             };
-            keep_logits(&pre, ws, ids)?;
+            keep_logits(&plan.prefill, ws, ids)?;
         }
         for (i, inp) in inputs.iter().enumerate() {
             kv.commit(i, inp.ids.len())?;
