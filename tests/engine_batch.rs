@@ -4,13 +4,17 @@
 //! timeouts must give every block back; a second question about the same image must reuse the vision
 //! features and the prompt's KV blocks.
 
+#[path = "support/events.rs"]
+mod events;
+use events::drain;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use facellm::backend::SamplingParams;
 use facellm::engine::batch::{
     EngineConfig, EngineHandle, EngineMetrics, Event, Failure, ImageInput, ImageSource, Request, Scheduler, SeqParams,
-    Slots, Summary, VisionCache,
+    Slots, VisionCache,
 };
 use facellm::engine::{generate, FinishReason, GenerateOptions};
 use facellm::image::{preprocess_file, ImageOptions};
@@ -78,20 +82,6 @@ fn request(
         permit: slots.try_acquire().expect("a free slot"),
     };
     (req, rx)
-}
-
-/// Every event received so far: the text, and how it ended (if it did).
-fn drain(rx: &mut UnboundedReceiver<Event>) -> (String, Option<Result<Summary, Failure>>) {
-    let mut text = String::new();
-    let mut end = None;
-    while let Ok(ev) = rx.try_recv() {
-        match ev {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(s) => end = Some(Ok(s)),
-            Event::Failed(e) => end = Some(Err(e)),
-        }
-    }
-    (text, end)
 }
 
 /// `engine::generate` on the same input: the reference answer.

@@ -23,6 +23,10 @@
 //! shares a partial block, so it never asks for one), and a failed pass on an accounting pool gives the table
 //! back its original partial block instead of a copy that was never made.
 
+#[path = "support/events.rs"]
+mod events;
+use events::drain;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -433,20 +437,6 @@ fn request(slots: &Arc<Slots>, c: &Case) -> (Request, UnboundedReceiver<Event>) 
         permit: slots.try_acquire().expect("a free slot"),
     };
     (req, rx)
-}
-
-/// Every event received so far: the text, and how it ended (if it did).
-fn drain(rx: &mut UnboundedReceiver<Event>) -> (String, Option<std::result::Result<Summary, Failure>>) {
-    let mut text = String::new();
-    let mut end = None;
-    while let Ok(ev) = rx.try_recv() {
-        match ev {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(s) => end = Some(Ok(s)),
-            Event::Failed(e) => end = Some(Err(e)),
-        }
-    }
-    (text, end)
 }
 
 fn scheduler<'a>(

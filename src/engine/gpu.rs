@@ -101,6 +101,48 @@ impl StepModel for GpuStep<'_> {
     }
 }
 
+/// What both GPU engines load: the models on the device and a workspace sized by `opts`.
+struct Loaded {
+    text: TextParams,
+    /// Tokens per sequence at most: `opts.max_context` within the model's positions.
+    context: usize,
+    vision: Option<GpuVision>,
+    llm: GpuQwen2,
+    ws: Workspace,
+    image_token_id: u32,
+}
+
+fn load_models(dev: &CudaDevice, config: &ModelConfig, src: &WeightSource, opts: &GpuOptions) -> Result<Loaded> {
+    if opts.max_seqs == 0 || opts.max_context == 0 || opts.prefill_chunk == 0 {
+        return Err(Error::Invalid("gpu engine: max_seqs, max_context and prefill_chunk must be positive".into()));
+    }
+    let text = TextParams::from_config(config.text(), config.tie_word_embeddings())?;
+    let context = opts.max_context.min(text.max_position);
+    let (vision, image_token_id) = match config.internvl() {
+        Some(ivl) => {
+            let vp = VisionParams::from_config(&ivl.vision_config)?;
+            (Some(GpuVision::load(src, dev, &vp, text.hidden)?), ivl.image_token_id)
+        }
+        None => (None, u32::MAX),
+    };
+    let llm = GpuQwen2::load(src, dev, &text, "model.language_model")?;
+    let ws = Workspace::new(dev, &text, opts.prefill_chunk, opts.max_seqs, context)?;
+    Ok(Loaded { text, context, vision, llm, ws, image_token_id })
+}
+
+/// The KV cache: `opts.kv_fraction` of the memory left (keeping what the vision tower needs for one 13-tile
+/// request free beside it), at most `cap` and `opts.kv_blocks` blocks.
+fn new_cache(dev: &CudaDevice, text: &TextParams, opts: &GpuOptions, cap: Option<usize>) -> Result<GpuKvCache> {
+    let reserve = 2 << 30;
+    let blocks = GpuKvCache::blocks_for(dev, text, opts.kv_fraction, reserve)?;
+    let blocks = cap.map_or(blocks, |c| blocks.min(c));
+    let blocks = opts.kv_blocks.map_or(blocks, |n| n.min(blocks));
+    if blocks == 0 {
+        return Err(Error::Invalid("gpu engine: no device memory left for the KV cache".into()));
+    }
+    GpuKvCache::new(dev, text, blocks)
+}
+
 pub struct GpuGenerator<'d> {
     step: GpuStep<'d>,
     limits: Limits,
@@ -108,32 +150,12 @@ pub struct GpuGenerator<'d> {
 
 impl<'d> GpuGenerator<'d> {
     pub fn load(dev: &'d CudaDevice, config: &ModelConfig, src: &WeightSource, opts: GpuOptions) -> Result<Self> {
-        if opts.max_seqs == 0 || opts.max_context == 0 || opts.prefill_chunk == 0 {
-            return Err(Error::Invalid("gpu engine: max_seqs, max_context and prefill_chunk must be positive".into()));
-        }
-        let text = TextParams::from_config(config.text(), config.tie_word_embeddings())?;
-        let max_context = opts.max_context.min(text.max_position);
-        let (vision, image_token_id) = match config.internvl() {
-            Some(ivl) => {
-                let vp = VisionParams::from_config(&ivl.vision_config)?;
-                (Some(GpuVision::load(src, dev, &vp, text.hidden)?), ivl.image_token_id)
-            }
-            None => (None, u32::MAX),
-        };
-        let llm = GpuQwen2::load(src, dev, &text, "model.language_model")?;
-        let ws = Workspace::new(dev, &text, opts.prefill_chunk, opts.max_seqs, max_context)?;
-        // What the vision tower needs for one 13-tile request stays free beside the cache.
-        let reserve = 2 << 30;
-        let blocks = GpuKvCache::blocks_for(dev, &text, opts.kv_fraction, reserve)?;
-        let blocks = blocks.min(opts.max_seqs * max_context.div_ceil(BLOCK_SIZE) + 1);
-        let blocks = opts.kv_blocks.map_or(blocks, |n| n.min(blocks));
-        if blocks == 0 {
-            return Err(Error::Invalid("gpu engine: no device memory left for the KV cache".into()));
-        }
-        let kv = GpuKvCache::new(dev, &text, blocks)?;
+        let Loaded { text, context, vision, llm, ws, image_token_id } = load_models(dev, config, src, &opts)?;
+        let kv = new_cache(dev, &text, &opts, Some(opts.max_seqs * context.div_ceil(BLOCK_SIZE) + 1))?;
+        let num_blocks = kv.num_blocks();
         let graphs = opts.graphs.then(DecodeGraphs::default);
         let step = GpuStep { dev, vision, llm, kv, ws, graphs, image_token_id };
-        Ok(GpuGenerator { step, limits: Limits { max_seqs: opts.max_seqs, max_context, num_blocks: blocks } })
+        Ok(GpuGenerator { step, limits: Limits { max_seqs: opts.max_seqs, max_context: context, num_blocks } })
     }
 
     pub fn limits(&self) -> Limits {
@@ -179,26 +201,9 @@ impl GpuBatchModel {
     /// steps of `opts.prefill_chunk` tokens and contexts of `opts.max_context`, and the cache from
     /// `opts.kv_fraction` of the memory left.
     pub fn load(dev: CudaDevice, config: &ModelConfig, src: &WeightSource, opts: &GpuOptions) -> Result<Self> {
-        if opts.max_seqs == 0 || opts.max_context == 0 || opts.prefill_chunk == 0 {
-            return Err(Error::Invalid("gpu engine: max_seqs, max_context and prefill_chunk must be positive".into()));
-        }
-        let text = TextParams::from_config(config.text(), config.tie_word_embeddings())?;
-        let context = opts.max_context.min(text.max_position);
-        let (vision, image_token_id) = match config.internvl() {
-            Some(ivl) => {
-                let vp = VisionParams::from_config(&ivl.vision_config)?;
-                (Some(GpuVision::load(src, &dev, &vp, text.hidden)?), ivl.image_token_id)
-            }
-            None => (None, u32::MAX),
-        };
-        let llm = GpuQwen2::load(src, &dev, &text, "model.language_model")?;
-        let ws = Workspace::new(&dev, &text, opts.prefill_chunk, opts.max_seqs, context)?;
-        let blocks = GpuKvCache::blocks_for(&dev, &text, opts.kv_fraction, 2 << 30)?;
-        let blocks = opts.kv_blocks.map_or(blocks, |n| n.min(blocks));
-        if blocks == 0 {
-            return Err(Error::Invalid("gpu engine: no device memory left for the KV cache".into()));
-        }
-        let kv = GpuKvCache::new(&dev, &text, blocks)?;
+        let Loaded { text, context, vision, llm, ws, image_token_id } = load_models(&dev, config, src, opts)?;
+        let kv = new_cache(&dev, &text, opts, None)?;
+        let blocks = kv.num_blocks();
         let graphs = opts.graphs.then(DecodeGraphs::default);
         let state = std::cell::RefCell::new(GpuBatchState { kv, ws, graphs });
         Ok(GpuBatchModel { dev, vision, llm, state, image_token_id, context, blocks })
