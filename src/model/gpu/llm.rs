@@ -195,8 +195,8 @@ impl GpuKvCache {
     }
 }
 
-/// Fixed device buffers for steps of up to `max_tokens` rows and `max_seqs` sequences whose contexts reach
-/// at most `max_context` tokens. Everything a step reads that changes from step to step lives here, so a
+/// Fixed device buffers for steps of up to `max_tokens` rows and `max_seqs` sequences (rounded up to the
+/// decode bucket that holds them) whose contexts reach at most `max_context` tokens. Everything a step reads that changes from step to step lives here, so a
 /// captured decode graph stays valid across replays.
 pub struct Workspace {
     pub max_tokens: usize,
@@ -236,6 +236,8 @@ impl Workspace {
     ) -> Result<Workspace> {
         let (dm, d, i) = (p.hidden, p.head_dim, p.intermediate);
         let (qd, w) = (p.heads * d, (p.heads + 2 * p.kv_heads) * d);
+        // Rows for the whole decode bucket of the largest batch, so every batch size replays a graph.
+        let max_seqs = bucket(max_seqs.max(1)).unwrap_or(max_seqs);
         let t = max_tokens.max(max_seqs).max(1);
         let max_blocks = max_context.div_ceil(BLOCK_SIZE).max(1);
         let shape = decode_shape(p, max_seqs, max_blocks, max_context);
@@ -452,12 +454,13 @@ impl GpuQwen2 {
             return Err(Error::Invalid("gpu decode: every sequence takes exactly one token".into()));
         }
         let b = seqs.len();
-        let rows = match &graphs {
-            Some(_) => bucket(b).filter(|&r| r <= ws.max_seqs),
-            None => Some(b),
-        };
-        let Some(rows) = rows.filter(|&r| r <= ws.max_seqs && r <= ws.max_tokens) else {
+        if b > ws.max_seqs || b > ws.max_tokens {
             return Err(Error::Invalid(format!("gpu decode: batch {b} exceeds the workspace ({})", ws.max_seqs)));
+        }
+        // The bucket's graph when one holds the batch within the workspace; past the largest bucket, eager.
+        let (rows, graphs) = match (graphs, bucket(b)) {
+            (Some(g), Some(r)) if r <= ws.max_seqs && r <= ws.max_tokens => (r, Some(g)),
+            _ => (b, None),
         };
         self.stage(dev, ws, seqs, rows)?;
         match graphs {
