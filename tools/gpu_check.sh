@@ -54,7 +54,7 @@ cat "$out/serve.json"
 timeout 60 "$bin" bench --device cuda --vision 300m,6b --tiles 1,7,13 --kernels >"$out/bench_facellm_vision.json" \
     2>"$out/bench_facellm_vision.err"
 echo "facellm bench (vision, kernels) exit $?"
-timeout 90 "$bin" bench --device cuda --llm 1b,8b --batch 1,8,32,64 --engine >"$out/bench_facellm_llm.json" \
+timeout 120 "$bin" bench --device cuda --llm 1b,8b --batch 1,8,32,64 --engine >"$out/bench_facellm_llm.json" \
     2>"$out/bench_facellm_llm.err"
 echo "facellm bench (llm) exit $?"
 if [[ $what == all ]]; then
