@@ -4,7 +4,8 @@ server's engine with the model, vision tower and KV cache on the GPU. Needs only
 
 Checks, each a failure if it does not hold: 12 concurrent chat completions (text and image, greedy) all
 answer 200 with `finish_reason` and usage; a second question about the same image hits the vision cache and
-the KV prefix cache (/metrics); every KV block is free again at the end; the server stops on SIGTERM. It also
+the KV prefix cache (/metrics); every KV block is free again at the end; the server stops on SIGTERM; `facellm chat` on the same device answers two turns, the
+second reusing the first's KV blocks (>= 256 tokens). It also
 reports how many answers equal `facellm generate` on the CPU (bf16 on the GPU against f32 on the CPU: on
 random weights a near-tie may go the other way, so this is counted, not failed) and the
 requests/s and median time to first token of the burst.
@@ -15,6 +16,7 @@ requests/s and median time to first token of the burst.
 """
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -116,6 +118,16 @@ def main():
             report["kv_blocks_total"] = h.metric(base, "facellm_kv_blocks_total")
             if used != 0:
                 failures.append(f"{used} KV blocks still held after every request ended")
+        # `facellm chat` through the same engine: two turns about the face, the second reusing the first's blocks.
+        turns = "How old is this person?\nAnd the expression?\n"
+        run = subprocess.run([binary, "--quiet", "chat", "--model", d, "--image", str(face), "--device", args.device,
+                               "--max-new-tokens", "8", "--output", "json"], input=turns, capture_output=True,
+                              text=True, timeout=120)
+        answers = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        report["chat"] = [{k: a.get(k) for k in ("finish_reason", "prompt_tokens", "reused_tokens")} for a in answers]
+        if run.returncode != 0 or len(answers) != 2 or answers[1].get("reused_tokens", 0) < 256:
+            failures.append(f"chat --device {args.device}: exit {run.returncode}, {report['chat']}, "
+                            f"stderr {run.stderr[-500:]!r}")
     report["device"] = args.device
     report["failures"] = failures
     print(json.dumps(report, indent=1))
