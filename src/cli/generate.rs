@@ -82,58 +82,50 @@ fn run_cuda(_args: &Args) -> anyhow::Result<()> {
     select_device(Device::Cuda)
 }
 
-/// The same request on the GPU engine (`engine::gpu`): weights uploaded from the checkpoint, greedy decoding
-/// by the GPU's argmax (sampling on the host from the GPU's logits).
+/// The same request on the GPU: the batching engine (as `serve --device cuda`) over the GPU models, weights
+/// uploaded from the checkpoint; greedy decoding takes the GPU's argmax (sampling runs on the host from the
+/// GPU's logits).
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> anyhow::Result<()> {
-    use facellm::backend::cuda::CudaDevice;
-    use facellm::config::GenerationConfig;
-    use facellm::engine::gpu::{GpuGenerator, GpuOptions, GpuRequest};
-    use facellm::model::gpu::WeightSource;
+    use super::chat::Backend as _;
+    use std::sync::atomic::AtomicBool;
     use std::time::Instant;
 
     let req = &args.request;
     let t0 = Instant::now();
-    let dir = super::source::resolve(&req.model)?;
-    let (config, ckpt) = facellm::loader::open_model(&dir)?;
-    let tokenizer = Tokenizer::from_dir(&dir)?;
-    let generation = GenerationConfig::load(&dir, &config)?;
-    let dev = CudaDevice::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
-    let opts = GpuOptions { max_seqs: 1, ..GpuOptions::default() };
-    let mut gen = GpuGenerator::load(&dev, &config, &WeightSource::Host(&ckpt), opts)?;
-    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
-    let prompt = chat_prompt(args, &tokenizer, &tiles)?;
-    let pixels = pixels.map(|t| {
-        let n = t.shape()[0];
-        (t.into_f32_vec(), n)
-    });
-    let request = GpuRequest { ids: prompt.ids.clone(), pixels, opts: req.generate_options(&generation)? };
-    let decode = |ids: &[u32]| tokenizer.decode(ids, true);
-    let streaming = args.output == Output::Text;
-    let mut on_text = stdout_streamer(streaming);
-    let out = gen.generate(std::slice::from_ref(&request), &decode, &mut |_, s| on_text(s))?;
-    let out = out.into_iter().next().ok_or_else(|| anyhow::anyhow!("no output"))?;
-    if streaming {
-        println!();
-        return Ok(());
-    }
-    let report = json!({
-        "device": dev.info.name,
-        "prompt": prompt.text,
-        "prompt_ids": prompt.ids,
-        "tiles_per_image": tiles,
-        "generated_ids": out.ids,
-        "text": out.text,
-        "finish_reason": out.finish_reason,
-        "timings": {
-            "load_ms": load_ms,
-            "vision_ms": out.vision_ms,
-            "ttft_ms": out.ttft_ms,
-            "decode_ms": out.decode_ms,
-            "decode_tokens_per_s": out.ids.len().saturating_sub(1) as f64 * 1e3 / out.decode_ms.max(1e-9),
-        },
-    });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    super::engine_chat::with_gpu_engine(&req.model, |engine, tokenizer, generation, device| {
+        let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let (pixels, tiles) = preprocess_images(&req.images, &req.image_options())?;
+        let prompt = chat_prompt(args, tokenizer, &tiles)?;
+        if let Some(px) = pixels {
+            engine.attach(px)?;
+        }
+        let opts = req.generate_options(generation)?;
+        let streaming = args.output == Output::Text;
+        let mut on_text = stdout_streamer(streaming);
+        let out = engine.answer(&prompt.ids, &opts, &mut on_text, &AtomicBool::new(false))?;
+        if streaming {
+            println!();
+            return Ok(());
+        }
+        let decode_ms: f64 = out.timings.decode_ms.iter().sum();
+        let report = json!({
+            "device": device,
+            "prompt": prompt.text,
+            "prompt_ids": prompt.ids,
+            "tiles_per_image": tiles,
+            "generated_ids": out.ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "timings": {
+                "load_ms": load_ms,
+                // Vision tower, prefill and the first token (the engine runs them as one step sequence).
+                "ttft_ms": out.timings.prefill_ms,
+                "decode_ms": decode_ms,
+                "decode_tokens_per_s": out.timings.decode_tokens_per_s(),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(())
+    })
 }

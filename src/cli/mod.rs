@@ -6,6 +6,8 @@ pub mod bench_cuda;
 pub mod chat;
 pub mod common;
 pub mod demo;
+#[cfg(any(feature = "cuda", test))]
+pub mod engine_chat;
 pub mod generate;
 pub mod info;
 pub mod preprocess;

@@ -1,23 +1,17 @@
-//! Generation on the GPU (feature `cuda`): the scheduler of `engine::schedule` driving the GPU models.
-//! `GpuStep` is the `StepModel` (vision tower, chunked prefill and graph-replayed decode on one device, with
-//! its KV cache and workspace); `GpuGenerator` sizes the cache from free device memory and runs requests.
+//! Generation on the GPU (feature `cuda`): `GpuBatchModel`, the GPU models (vision tower, chunked prefill
+//! and graph-replayed decode on one device, with their KV cache and workspace) as the `BatchModel` of the
+//! batching engine (`engine::batch`), which `generate`, `chat` and `serve` all run on with `--device cuda`.
 
-use std::ops::Range;
-
-use cudarc::driver::CudaSlice;
 use half::bf16;
 
-use super::schedule::{self, Limits, SeqInput, StepModel};
 use crate::backend::cuda::CudaDevice;
 use crate::config::ModelConfig;
-use crate::model::gpu::llm::{DecodeGraphs, GpuKvCache, GpuQwen2, Workspace, BLOCK_SIZE};
+use crate::model::gpu::llm::{DecodeGraphs, GpuKvCache, GpuQwen2, SeqInput, Workspace, BLOCK_SIZE};
 use crate::model::gpu::vision::GpuVision;
 use crate::model::gpu::WeightSource;
 use crate::model::llm::TextParams;
 use crate::model::vision::VisionParams;
 use crate::{Error, Result};
-
-pub use schedule::{Output as GpuOutput, Request as GpuRequest};
 
 /// Sizes of the GPU engine.
 #[derive(Debug, Clone)]
@@ -49,59 +43,7 @@ impl Default for GpuOptions {
     }
 }
 
-/// The GPU models, their KV cache and workspace, as the scheduler's `StepModel`.
-pub struct GpuStep<'d> {
-    dev: &'d CudaDevice,
-    vision: Option<GpuVision>,
-    llm: GpuQwen2,
-    kv: GpuKvCache,
-    ws: Workspace,
-    graphs: Option<DecodeGraphs>,
-    image_token_id: u32,
-}
-
-impl StepModel for GpuStep<'_> {
-    type Features = CudaSlice<bf16>;
-
-    fn block_size(&self) -> usize {
-        BLOCK_SIZE
-    }
-    fn prefill_chunk(&self) -> usize {
-        self.ws.max_tokens
-    }
-    fn image_token_id(&self) -> u32 {
-        self.image_token_id
-    }
-    fn encode_images(&mut self, pixels: &[f32], tiles: usize) -> Result<(CudaSlice<bf16>, usize)> {
-        let v = self.vision.as_ref().ok_or_else(|| Error::Invalid("this model takes no images".into()))?;
-        let f = v.forward_host(self.dev, pixels, tiles)?;
-        let rows = f.features.len() / self.llm.params().hidden;
-        Ok((f.features, rows))
-    }
-    fn prefill(&mut self, seq: SeqInput, image: Option<(&CudaSlice<bf16>, Range<usize>, &[i32])>) -> Result<u32> {
-        let d = self.llm.params().hidden;
-        let seqs = [seq];
-        let next = match image {
-            Some((f, range, rows)) => {
-                let view = f.slice(range.start * d..range.end * d);
-                self.llm.prefill(self.dev, &mut self.kv, &mut self.ws, &seqs, Some((&view, rows)))?
-            }
-            None => self.llm.prefill(self.dev, &mut self.kv, &mut self.ws, &seqs, None)?,
-        };
-        Ok(next[0])
-    }
-    fn decode(&mut self, seqs: &[SeqInput]) -> Result<Vec<u32>> {
-        self.llm.decode(self.dev, &mut self.kv, &mut self.ws, seqs, self.graphs.as_mut())
-    }
-    fn last_logits(&mut self, b: usize) -> Result<Vec<f32>> {
-        self.llm.last_logits(self.dev, &self.ws, b)
-    }
-    fn synchronize(&mut self) -> Result<()> {
-        Ok(self.dev.synchronize()?)
-    }
-}
-
-/// What both GPU engines load: the models on the device and a workspace sized by `opts`.
+/// What the GPU engine loads: the models on the device and a workspace sized by `opts`.
 struct Loaded {
     text: TextParams,
     /// Tokens per sequence at most: `opts.max_context` within the model's positions.
@@ -131,46 +73,15 @@ fn load_models(dev: &CudaDevice, config: &ModelConfig, src: &WeightSource, opts:
 }
 
 /// The KV cache: `opts.kv_fraction` of the memory left (keeping what the vision tower needs for one 13-tile
-/// request free beside it), at most `cap` and `opts.kv_blocks` blocks.
-fn new_cache(dev: &CudaDevice, text: &TextParams, opts: &GpuOptions, cap: Option<usize>) -> Result<GpuKvCache> {
+/// request free beside it), at most `opts.kv_blocks` blocks.
+fn new_cache(dev: &CudaDevice, text: &TextParams, opts: &GpuOptions) -> Result<GpuKvCache> {
     let reserve = 2 << 30;
     let blocks = GpuKvCache::blocks_for(dev, text, opts.kv_fraction, reserve)?;
-    let blocks = cap.map_or(blocks, |c| blocks.min(c));
     let blocks = opts.kv_blocks.map_or(blocks, |n| n.min(blocks));
     if blocks == 0 {
         return Err(Error::Invalid("gpu engine: no device memory left for the KV cache".into()));
     }
     GpuKvCache::new(dev, text, blocks)
-}
-
-pub struct GpuGenerator<'d> {
-    step: GpuStep<'d>,
-    limits: Limits,
-}
-
-impl<'d> GpuGenerator<'d> {
-    pub fn load(dev: &'d CudaDevice, config: &ModelConfig, src: &WeightSource, opts: GpuOptions) -> Result<Self> {
-        let Loaded { text, context, vision, llm, ws, image_token_id } = load_models(dev, config, src, &opts)?;
-        let kv = new_cache(dev, &text, &opts, Some(opts.max_seqs * context.div_ceil(BLOCK_SIZE) + 1))?;
-        let num_blocks = kv.num_blocks();
-        let graphs = opts.graphs.then(DecodeGraphs::default);
-        let step = GpuStep { dev, vision, llm, kv, ws, graphs, image_token_id };
-        Ok(GpuGenerator { step, limits: Limits { max_seqs: opts.max_seqs, max_context: context, num_blocks } })
-    }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
-    /// Runs every request to completion (see `engine::schedule::run`); every KV block is free afterwards.
-    pub fn generate(
-        &mut self,
-        reqs: &[GpuRequest],
-        decode: &dyn Fn(&[u32]) -> Result<String>,
-        on_text: &mut dyn FnMut(usize, &str),
-    ) -> Result<Vec<GpuOutput>> {
-        schedule::run(&mut self.step, self.limits, reqs, decode, on_text)
-    }
 }
 
 /// The GPU models as the server engine's `BatchModel` (`engine::batch`): the scheduler there (admission,
@@ -202,7 +113,7 @@ impl GpuBatchModel {
     /// `opts.kv_fraction` of the memory left.
     pub fn load(dev: CudaDevice, config: &ModelConfig, src: &WeightSource, opts: &GpuOptions) -> Result<Self> {
         let Loaded { text, context, vision, llm, ws, image_token_id } = load_models(&dev, config, src, opts)?;
-        let kv = new_cache(&dev, &text, opts, None)?;
+        let kv = new_cache(&dev, &text, opts)?;
         let blocks = kv.num_blocks();
         let graphs = opts.graphs.then(DecodeGraphs::default);
         let state = std::cell::RefCell::new(GpuBatchState { kv, ws, graphs });

@@ -6,7 +6,6 @@ pub mod batch;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod gpu;
-pub mod schedule;
 pub mod stop;
 
 pub use generate::{generate, FinishReason, GenerateOptions, GenerateOutput, Session, Timings};

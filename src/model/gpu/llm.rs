@@ -284,7 +284,14 @@ fn decode_shape(p: &TextParams, seqs: usize, max_blocks: usize, max_context: usi
     }
 }
 
-pub use crate::engine::schedule::SeqInput;
+/// One sequence's part of a step: its new tokens, the number of tokens its cache already holds (the
+/// position of the first new token) and its block table, which must already cover `start + tokens.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub blocks: &'a [u32],
+}
 
 /// How a step attends: prefill chunks through the paged flash kernel, or one token per sequence through the
 /// split-K decode kernel.

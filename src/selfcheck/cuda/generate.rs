@@ -1,15 +1,14 @@
-//! `GpuGenerator` end to end against the CPU model: several requests (one with an image) through the GPU
-//! scheduler with fewer batch rows than requests (so one waits for a row), greedy, compared token by
-//! token with the CPU model's logits along the GPU's own answer. A GPU token may differ from the CPU's
-//! argmax only where the CPU scores it within the logits' bf16 error of its best (a near-tie); an answer
-//! that wanders off on a clear choice fails.
+//! The batching engine on the GPU (`engine::batch::Scheduler` over `GpuBatchModel`, what `generate`, `chat`
+//! and `serve` run with `--device cuda`) end to end against the CPU model: several requests (two with one
+//! image) with fewer batch rows than requests, greedy, compared token by token with the CPU model's logits
+//! along the GPU's own answer. A GPU token may differ from the CPU's argmax only where the CPU scores it
+//! within the logits' bf16 error of its best (a near-tie); an answer that wanders off on a clear choice fails.
 
 use super::super::{Report, Rng, Row};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::SamplingParams;
 use crate::config::ModelConfig;
-use crate::engine::generate::GenerateOptions;
-use crate::engine::gpu::{GpuGenerator, GpuOptions, GpuRequest};
+use crate::engine::gpu::GpuOptions;
 use crate::model::gpu::WeightSource;
 use crate::model::random::{published_config_json, RandomWeights};
 use crate::tensor::Tensor;
@@ -84,16 +83,11 @@ fn along(
     })
 }
 
-pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
-    run_generator(dev, report, rng);
-    run_engine(dev, report, rng);
-}
-
 /// The server's engine (`engine::batch::Scheduler`) on `GpuBatchModel`: more requests than batch rows (3, not
 /// a decode bucket), a small pool, two questions about one image and two prompts with a long shared text
 /// prefix (prefix blocks shared between sequences on the device), chunked prefill; each answer checked
 /// along the CPU model as above, and every block back at the end.
-fn run_engine(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
+pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
     use crate::engine::batch::{
         EngineConfig, EngineMetrics, Event, ImageInput, ImageSource, Request, Scheduler, SeqParams, Slots, VisionCache,
     };
@@ -225,54 +219,6 @@ fn run_engine(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
                  pool allows; preemption itself is tested on the CPU with a fake device model)"
             ),
         });
-        Ok(rows)
-    };
-    match go() {
-        Ok(rows) => report.rows.extend(rows),
-        Err(e) => report.error(op, "-", e),
-    }
-}
-
-fn run_generator(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
-    let op = "generate (GPU scheduler) vs CPU";
-    let mut go = || -> Result<Vec<Row>> {
-        let config = tiny()?;
-        let weights = RandomWeights::for_config(&config, "selfcheck-generate");
-        let cpu = crate::model::build(&config, &weights)?;
-        let opts = GpuOptions {
-            max_seqs: 2,
-            max_context: 1024,
-            prefill_chunk: 128,
-            kv_fraction: 0.05,
-            kv_blocks: None,
-            graphs: true,
-        };
-        let mut gen = GpuGenerator::load(dev, &config, &WeightSource::Host(&weights), opts)?;
-        let image_token = config.internvl().map(|c| c.image_token_id).unwrap_or(151667);
-        let greedy = GenerateOptions {
-            max_new_tokens: 12,
-            sampling: SamplingParams::default(),
-            eos_ids: vec![],
-            stop_strings: vec![],
-        };
-        // Request 0: an image (1 tile = 256 tokens) between text, spanning prefill chunks of 128.
-        let pixels: Vec<f32> = (0..3 * 448 * 448).map(|_| half::bf16::from_f32(rng.sym(2.0)).to_f32()).collect();
-        let mut text = |n: usize| -> Vec<u32> { (0..n).map(|_| 100 + rng.below(150_000) as u32).collect() };
-        let mut with_image = text(5);
-        with_image.extend(std::iter::repeat_n(image_token, 256));
-        with_image.extend(text(30));
-        let reqs = vec![
-            GpuRequest { ids: with_image, pixels: Some((pixels.clone(), 1)), opts: greedy.clone() },
-            GpuRequest { ids: text(17), pixels: None, opts: greedy.clone() },
-            GpuRequest { ids: text(300), pixels: None, opts: GenerateOptions { max_new_tokens: 5, ..greedy.clone() } },
-        ];
-        let decode = |ids: &[u32]| Ok(format!("{ids:?}"));
-        let outs = gen.generate(&reqs, &decode, &mut |_, _| {})?;
-        let mut rows = Vec::new();
-        for (i, (r, o)) in reqs.iter().zip(&outs).enumerate() {
-            let want = r.opts.max_new_tokens;
-            rows.push(along(&cpu, &r.ids, r.pixels.as_ref(), &o.ids, want, format!("{op}: request {i}"))?);
-        }
         Ok(rows)
     };
     match go() {
