@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod fill;
 pub mod gemm;
+pub mod gemv;
 pub mod layernorm;
 pub mod norm;
 pub mod paged_attention;
