@@ -57,6 +57,10 @@ echo "facellm bench (vision, kernels) exit $?"
 timeout 120 "$bin" bench --device cuda --llm 1b,8b --batch 1,8,32,64 --engine >"$out/bench_facellm_llm.json" \
     2>"$out/bench_facellm_llm.err"
 echo "facellm bench (llm) exit $?"
+# The decode GEMV experiment (kernels/gemv.cu) in the whole decode step, same shapes, small batches.
+FACELLM_GEMV=1 timeout 60 "$bin" bench --device cuda --llm 1b,8b --batch 1,2,4,8 >"$out/bench_facellm_llm_gemv.json" \
+    2>"$out/bench_facellm_llm_gemv.err"
+echo "facellm bench (llm, FACELLM_GEMV=1) exit $?"
 if [[ $what == all ]]; then
     timeout 70 python3 tools/bench_gpu_hf.py --vision 300m,6b --tiles 1,7,13 >"$out/bench_hf_vision.json" \
         2>"$out/bench_hf_vision.err"

@@ -74,6 +74,17 @@ def main(out):
                      if x["batch"] not in {d["batch"] for f in fl["llm"] for d in f["decode"]}]
             for shape, x in extra:
                 print(f"HF only: {shape} batch {x['batch']} {x['mode']}: {x['tokens_per_s']:.0f} tok/s")
+    fg = load(os.path.join(out, "bench_facellm_llm_gemv.json"))
+    if fl and fg and "llm" in fg:
+        raw = {(r["shape"], d["batch"]): d for r in fl.get("llm", []) for d in r["decode"]}
+        print()
+        print("| decode, FACELLM_GEMV=1 (kernels/gemv.cu) | batch | tok/s | ms/step | cuBLASLt tok/s (same run) |")
+        print("|---|---|---|---|---|")
+        for r in fg["llm"]:
+            for d in r["decode"]:
+                base = raw.get((r["shape"], d["batch"]))
+                print(f"| {r['shape']} | {d['batch']} | {d['tokens_per_s']:.0f} | {d['ms_per_step']:.3f} | "
+                      + (f"{base['tokens_per_s']:.0f} |" if base else "- |"))
     if fl and "engine" in fl:
         raw = {(r["shape"], d["batch"]): d for r in fl.get("llm", []) for d in r["decode"]}
         print()

@@ -52,9 +52,19 @@ pub struct GpuQwen2 {
     /// `None`: tied to `embed`.
     lm_head: Option<CudaSlice<bf16>>,
     inv_freq: CudaSlice<f32>,
+    /// Decode steps of up to 8 rows use the decode GEMV kernels (`backend::cuda::gemv`, with SwiGLU fused into
+    /// the down projection) instead of cuBLASLt: an experiment, off unless `FACELLM_GEMV=1` (or
+    /// `set_decode_gemv`), until a GPU run shows it faster.
+    decode_gemv: bool,
 }
 
 impl GpuQwen2 {
+    /// Switches the decode GEMV experiment (see the field). Decode graphs keep the kernels they were captured
+    /// with: switch before the first decode step, or with a fresh `DecodeGraphs`.
+    pub fn set_decode_gemv(&mut self, on: bool) {
+        self.decode_gemv = on;
+    }
+
     pub fn load(src: &WeightSource, dev: &CudaDevice, p: &TextParams, prefix: &str) -> Result<GpuQwen2> {
         if !matches!(p.head_dim, 64 | 128) {
             return Err(Error::Invalid(format!(
@@ -107,7 +117,8 @@ impl GpuQwen2 {
         let norm = src.get(dev, &format!("{prefix}.norm.weight"), &[dm])?;
         let lm_head = if p.tie_embeddings { None } else { Some(src.get(dev, "lm_head.weight", &[p.vocab, dm])?) };
         let inv_freq = buffer::upload(dev, &p.inv_freq(p.max_position))?;
-        Ok(GpuQwen2 { p: p.clone(), embed, layers, norm, lm_head, inv_freq })
+        let decode_gemv = std::env::var("FACELLM_GEMV").is_ok_and(|v| v == "1");
+        Ok(GpuQwen2 { p: p.clone(), embed, layers, norm, lm_head, inv_freq, decode_gemv })
     }
 
     pub fn params(&self) -> &TextParams {
@@ -540,6 +551,8 @@ impl GpuQwen2 {
         };
         let scale = (d as f32).powf(-0.5);
         let ms = ws.max_seqs;
+        // The decode GEMV experiment, for decode steps only (prefill chunks stay on cuBLASLt).
+        let gemv = self.decode_gemv && mode == Mode::Decode;
         let lay = ws.lay;
         // SAFETY: u32 and i32 have one size and alignment and every bit pattern is valid for both; the i32
         // fields were staged as their bits.
@@ -586,7 +599,16 @@ impl GpuQwen2 {
             p.eps,
         )?;
         for (li, layer) in self.layers.iter().enumerate() {
-            layer.qkv.forward(dev, &ws.y.slice(0..t * dm), dm, &mut ws.qkv.slice_mut(0..t * w), w, t, false)?;
+            layer.qkv.forward_decode(
+                dev,
+                &ws.y.slice(0..t * dm),
+                dm,
+                &mut ws.qkv.slice_mut(0..t * w),
+                w,
+                t,
+                gemv,
+                false,
+            )?;
             {
                 let shape = RopeKvShape { tokens: t, heads: p.heads, kv_heads: p.kv_heads, head_dim: d };
                 let inp = RopeKvInputs {
@@ -645,7 +667,16 @@ impl GpuQwen2 {
                     paged_attention_decode_bf16(dev, &inp, &mut ws.attn.slice_mut(0..t * qd), dws, shape, scale)?;
                 }
             }
-            layer.o.forward(dev, &ws.attn.slice(0..t * qd), qd, &mut ws.o.slice_mut(0..t * dm), dm, t, false)?;
+            layer.o.forward_decode(
+                dev,
+                &ws.attn.slice(0..t * qd),
+                qd,
+                &mut ws.o.slice_mut(0..t * dm),
+                dm,
+                t,
+                gemv,
+                false,
+            )?;
             cuda::norm::add_rms_norm_bf16(
                 dev,
                 &mut ws.h.slice_mut(0..t * dm),
@@ -656,23 +687,31 @@ impl GpuQwen2 {
                 dm,
                 p.eps,
             )?;
-            layer.gate_up.forward(
+            layer.gate_up.forward_decode(
                 dev,
                 &ws.y.slice(0..t * dm),
                 dm,
                 &mut ws.gu.slice_mut(0..t * 2 * inter),
                 2 * inter,
                 t,
+                gemv,
                 false,
             )?;
-            cuda::elementwise::silu_mul_fused_bf16(
-                dev,
-                &ws.gu.slice(0..t * 2 * inter),
-                &mut ws.m.slice_mut(0..t * inter),
-                t,
-                inter,
-            )?;
-            layer.down.forward(dev, &ws.m.slice(0..t * inter), inter, &mut ws.o.slice_mut(0..t * dm), dm, t, false)?;
+            if gemv && super::gemv_applies(t, inter, 2 * inter) {
+                // silu(gate) * up is computed inside the down projection: one launch fewer.
+                let (gu, o) = (&ws.gu.slice(0..t * 2 * inter), &mut ws.o.slice_mut(0..t * dm));
+                layer.down.forward_decode(dev, gu, 2 * inter, o, dm, t, true, true)?;
+            } else {
+                cuda::elementwise::silu_mul_fused_bf16(
+                    dev,
+                    &ws.gu.slice(0..t * 2 * inter),
+                    &mut ws.m.slice_mut(0..t * inter),
+                    t,
+                    inter,
+                )?;
+                let (m, o) = (&ws.m.slice(0..t * inter), &mut ws.o.slice_mut(0..t * dm));
+                layer.down.forward_decode(dev, m, inter, o, dm, t, gemv, false)?;
+            }
             let next = self.layers.get(li + 1).map_or(&self.norm, |l| &l.input_norm);
             cuda::norm::add_rms_norm_bf16(
                 dev,

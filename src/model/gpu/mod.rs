@@ -104,4 +104,35 @@ impl GpuLinear {
         let b = if with_bias { self.b.as_ref().map(|b| b.as_view()) } else { None };
         Ok(dev.blas.linear(x, &self.w.as_view(), b.as_ref(), y, shape)?)
     }
+
+    /// `forward` without the bias for a decode step of `m` rows: with `gemv`, through the decode GEMV kernel
+    /// (`backend::cuda::gemv`) where it applies (m <= 8, k and ld_x multiples of 8), else cuBLASLt. With
+    /// `fused_silu`, `x` is the `[m, 2k]` gate/up buffer and the product takes `silu(gate) * up` (GEMV only:
+    /// an error otherwise, so the caller decides before it skips its `silu_mul`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_decode(
+        &self,
+        dev: &CudaDevice,
+        x: &CudaView<'_, bf16>,
+        ld_x: usize,
+        y: &mut cudarc::driver::CudaViewMut<'_, bf16>,
+        ld_y: usize,
+        m: usize,
+        gemv: bool,
+        fused_silu: bool,
+    ) -> Result<()> {
+        let shape = LinearShape { m, n: self.n, k: self.k, ld_x, ld_y };
+        if gemv && gemv_applies(m, self.k, ld_x) {
+            return Ok(crate::backend::cuda::gemv::gemv_bf16(dev, x, &self.w.as_view(), None, y, shape, fused_silu)?);
+        }
+        if fused_silu {
+            return Err(Error::Invalid(format!("decode GEMV: the fused SwiGLU form does not apply to {shape:?}")));
+        }
+        self.forward(dev, x, ld_x, y, ld_y, m, false)
+    }
+}
+
+/// Whether the decode GEMV kernel takes a product of `m` rows over `k` with rows of `ld_x`.
+pub fn gemv_applies(m: usize, k: usize, ld_x: usize) -> bool {
+    (1..=crate::backend::cuda::gemv::MAX_ROWS).contains(&m) && k.is_multiple_of(8) && ld_x.is_multiple_of(8)
 }

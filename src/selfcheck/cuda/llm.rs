@@ -94,14 +94,23 @@ impl Tally {
 
 /// One or more sequences: CPU reference logits per step (prefill's last row, then each decode step) under
 /// teacher forcing, against the GPU's, with and without graphs.
-fn case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, name: &str, config: &ModelConfig, prompts: &[usize]) {
-    let op = format!("llm end to end {name}");
+fn case(
+    dev: &CudaDevice,
+    report: &mut Report,
+    rng: &mut Rng,
+    name: &str,
+    config: &ModelConfig,
+    prompts: &[usize],
+    gemv: bool,
+) {
+    let op = format!("llm end to end {name}{}", if gemv { " [decode GEMV]" } else { "" });
     let decode_steps = 12;
     let mut run = || -> Result<Vec<Row>> {
         let p = TextParams::from_config(config.text(), config.tie_word_embeddings())?;
         let weights = RandomWeights::for_config(config, &format!("selfcheck-llm-{name}"));
         let cpu = crate::model::build(config, &weights)?;
-        let gpu = GpuQwen2::load(&WeightSource::Host(&weights), dev, &p, "model.language_model")?;
+        let mut gpu = GpuQwen2::load(&WeightSource::Host(&weights), dev, &p, "model.language_model")?;
+        gpu.set_decode_gemv(gemv);
         let max_context = 512;
         let blocks_per_seq = max_context / BLOCK_SIZE;
         let mut kv = GpuKvCache::new(dev, &p, prompts.len() * blocks_per_seq + 7)?;
@@ -194,7 +203,13 @@ pub fn run(dev: &CudaDevice, report: &mut Report, rng: &mut Rng) {
     ];
     for (name, config, prompts) in cases {
         match config {
-            Ok(c) => case(dev, report, rng, name, &c, &prompts),
+            Ok(c) => {
+                case(dev, report, rng, name, &c, &prompts, false);
+                // The decode GEMV experiment (kernels/gemv.cu) in the same model, eager and from graphs.
+                if prompts.len() > 1 {
+                    case(dev, report, rng, name, &c, &prompts, true);
+                }
+            }
             Err(e) => report.error(name, "-", e),
         }
     }
