@@ -5,11 +5,12 @@
 # target/release/facellm):
 #     bash tools/gpu_check.sh [quick|all]      (quick: facellm only, no HF reference)
 # It prints the card, runs `facellm selfcheck --device cuda` (every kernel against its CPU twin, then whole
-# models and the GPU scheduler against the CPU model), then `facellm bench --device cuda` and the HF
+# models and the batching engine on the GPU against the CPU model), then `facellm bench --device cuda` and the HF
 # transformers reference (tools/bench_gpu_hf.py) on the same card in the same run, and leaves every output
 # under $OUT (default /tmp/facellm-gpu-check) with a Markdown summary. If a v2 paged-decode row of the
 # selfcheck fails, the benches run with the verified v1 kernel (FACELLM_ATTN=v1) and say so. Between the
-# selfcheck and the benches, tools/gpu_serve_check.py drives `facellm serve --device cuda`. Exit status: the
+# selfcheck and the benches, tools/gpu_serve_check.py drives `facellm serve` and `chat` with --device cuda; the
+# LLM bench runs once more with FACELLM_GEMV=1 (the decode GEMV experiment). Exit status: the
 # selfcheck's (else the serve check's), so a failing kernel fails the check even when the benchmarks ran.
 #
 # The device tool brings back at most 8 files from $OUT: the three that matter (selfcheck.txt, summary.md,
