@@ -57,21 +57,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let t = &out.timings;
+    let timings = json!({
+        "load_ms": loaded.load_ms,
+        "vision_ms": t.vision_ms,
+        "prefill_ms": t.prefill_ms,
+        "prefill_tokens_per_s": prompt.ids.len() as f64 * 1e3 / t.prefill_ms.max(1e-9),
+        "decode_ms": t.decode_ms,
+        "decode_tokens_per_s": t.decode_tokens_per_s(),
+    });
+    print_report("cpu", &prompt, &tiles, &out, timings)
+}
+
+/// `--output json`: the prompt, the answer and `timings` (which differ by device) as one object.
+fn print_report(
+    device: &str,
+    prompt: &Prompt,
+    tiles: &[usize],
+    out: &facellm::engine::GenerateOutput,
+    timings: serde_json::Value,
+) -> anyhow::Result<()> {
     let report = json!({
+        "device": device,
         "prompt": prompt.text,
         "prompt_ids": prompt.ids,
         "tiles_per_image": tiles,
         "generated_ids": out.ids,
         "text": out.text,
         "finish_reason": out.finish_reason,
-        "timings": {
-            "load_ms": loaded.load_ms,
-            "vision_ms": t.vision_ms,
-            "prefill_ms": t.prefill_ms,
-            "prefill_tokens_per_s": prompt.ids.len() as f64 * 1e3 / t.prefill_ms.max(1e-9),
-            "decode_ms": t.decode_ms,
-            "decode_tokens_per_s": t.decode_tokens_per_s(),
-        },
+        "timings": timings,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
@@ -109,23 +122,14 @@ fn run_cuda(args: &Args) -> anyhow::Result<()> {
             return Ok(());
         }
         let decode_ms: f64 = out.timings.decode_ms.iter().sum();
-        let report = json!({
-            "device": device,
-            "prompt": prompt.text,
-            "prompt_ids": prompt.ids,
-            "tiles_per_image": tiles,
-            "generated_ids": out.ids,
-            "text": out.text,
-            "finish_reason": out.finish_reason,
-            "timings": {
-                "load_ms": load_ms,
-                // Vision tower, prefill and the first token (the engine runs them as one step sequence).
-                "ttft_ms": out.timings.prefill_ms,
-                "decode_ms": decode_ms,
-                "decode_tokens_per_s": out.timings.decode_tokens_per_s(),
-            },
+        let timings = json!({
+            "load_ms": load_ms,
+            // Vision tower, prefill and the first token (the engine runs them as one step sequence).
+            "ttft_ms": out.timings.prefill_ms,
+            "decode_ms": decode_ms,
+            "decode_tokens_per_s": out.timings.decode_tokens_per_s(),
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        print_report(device, &prompt, &tiles, &out, timings)?;
         Ok(())
     })
 }

@@ -13,6 +13,16 @@ use super::KernelCase;
 use crate::backend::cuda::{buffer, gemv, CudaDevice, LinearShape, Result};
 use crate::tensor::Tensor;
 
+/// The `m` output rows of `y` (rows of `s.ld_y`), after checking that the padding between them is untouched
+/// (still the poison).
+fn output_rows(y: &[bf16], s: LinearShape) -> crate::Result<Vec<bf16>> {
+    let pad_ok = (0..s.m.saturating_sub(1)).all(|r| y[r * s.ld_y + s.n..(r + 1) * s.ld_y].iter().all(|v| v.is_nan()));
+    if !pad_ok {
+        return Err(crate::Error::Invalid("wrote into the padding between output rows".into()));
+    }
+    Ok((0..s.m).flat_map(|r| y[r * s.ld_y..r * s.ld_y + s.n].to_vec()).collect())
+}
+
 fn case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, s: LinearShape, bias: bool) {
     let op = if bias { "linear_bf16 (+bias)" } else { "linear_bf16" };
     let shape = format!("m {} n {} k {} ld_x {} ld_y {}", s.m, s.n, s.k, s.ld_x, s.ld_y);
@@ -34,14 +44,7 @@ fn case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, s: LinearShape, bi
             &Tensor::from_bf16([s.n, s.k], w)?,
             if bias { Some(Tensor::from_bf16([s.n], b)?) } else { None }.as_ref(),
         )?;
-        let got: Vec<bf16> = (0..s.m).flat_map(|r| y[r * s.ld_y..r * s.ld_y + s.n].to_vec()).collect();
-        // Padding between strided output rows must stay untouched (still the poison).
-        let pad_ok =
-            (0..s.m.saturating_sub(1)).all(|r| y[r * s.ld_y + s.n..(r + 1) * s.ld_y].iter().all(|v| v.is_nan()));
-        if !pad_ok {
-            return Err(crate::Error::Invalid("wrote into the padding between output rows".into()));
-        }
-        Ok((widen(&got), want.to_f32_vec()))
+        Ok((widen(&output_rows(&y, s)?), want.to_f32_vec()))
     };
     match run() {
         Ok((got, want)) => {
@@ -74,11 +77,7 @@ fn gemv_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, s: LinearShap
         let bv = db.as_view();
         gemv::gemv_bf16(dev, &dx.as_view(), &dw.as_view(), bias.then_some(&bv), &mut dy.as_view_mut(), s, fused)?;
         let y = buffer::download(dev, &dy)?;
-        let pad_ok =
-            (0..s.m.saturating_sub(1)).all(|r| y[r * s.ld_y + s.n..(r + 1) * s.ld_y].iter().all(|v| v.is_nan()));
-        if !pad_ok {
-            return Err(crate::Error::Invalid("wrote into the padding between output rows".into()));
-        }
+        let got = output_rows(&y, s)?;
         let rb = |v: f32| bf16::from_f32(v).to_f32();
         let xs: Vec<f32> = (0..s.m)
             .flat_map(|r| {
@@ -97,7 +96,6 @@ fn gemv_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, s: LinearShap
             &Tensor::from_bf16([s.n, s.k], w)?,
             if bias { Some(Tensor::from_bf16([s.n], b)?) } else { None }.as_ref(),
         )?;
-        let got: Vec<bf16> = (0..s.m).flat_map(|r| y[r * s.ld_y..r * s.ld_y + s.n].to_vec()).collect();
         // The fused form against the unfused GPU pair, which must give the same bits.
         let pair = if fused {
             let mut mid = buffer::poisoned_bf16(dev, s.m * s.k)?;
@@ -113,8 +111,7 @@ fn gemv_case(dev: &CudaDevice, report: &mut Report, rng: &mut Rng, s: LinearShap
                 )?;
                 gemv::gemv_bf16(dev, &mid.as_view(), &dw.as_view(), None, &mut y2.as_view_mut(), dense, false)?;
                 let y2 = buffer::download(dev, &y2)?;
-                let g2: Vec<bf16> = (0..s.m).flat_map(|r| y2[r * s.ld_y..r * s.ld_y + s.n].to_vec()).collect();
-                Some((widen(&got), widen(&g2)))
+                Some((widen(&got), widen(&output_rows(&y2, s)?)))
             } else {
                 None
             }
