@@ -220,7 +220,7 @@ fn run_cuda(
     let tokenizer = Arc::new(
         facellm::tokenizer::Tokenizer::from_dir(&dir).with_context(|| format!("tokenizer of {}", dir.display()))?,
     );
-    let (config, _) = facellm::loader::open_model(&dir)?;
+    let config = facellm::config::ModelConfig::load(&dir)?; // the weights are opened on the engine thread
     let generation = facellm::config::GenerationConfig::load(&dir, &config)?;
     let opts = GpuOptions {
         max_seqs: args.max_seqs,
